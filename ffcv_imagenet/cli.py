@@ -1,0 +1,40 @@
+"""The `ffcv-imagenet` console script: one subcommand per module, imported only when used."""
+
+import importlib
+import sys
+
+# subcommand -> (module, one-line help). Each module exposes main(argv: list[str]) -> int | None.
+SUBCOMMANDS = {
+    "write": ("ffcv_imagenet.writer", "convert ILSVRC2012 (folders, flat val, tar archives) to .beton"),
+    "inspect": ("ffcv_imagenet.inspect", "show fields, counts, labels, sizes and metadata of a .beton"),
+    "train": ("ffcv_imagenet.train", "train a model from a preset (--config-file) with overrides"),
+    "report": ("ffcv_imagenet.report", "time-to-accuracy tables and plots from run folders"),
+    "demo": ("ffcv_imagenet.demo", "generate a small real-JPEG dataset, write, train, report"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: ffcv-imagenet SUBCOMMAND [options]   (ffcv-imagenet SUBCOMMAND --help for options)", ""]
+    for name, (_, help_text) in SUBCOMMANDS.items():
+        lines.append(f"  {name:<9} {help_text}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in SUBCOMMANDS:
+        print(f"ffcv-imagenet: unknown subcommand {name!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(SUBCOMMANDS[name][0])
+    # argparse/fastargs inside the subcommand read sys.argv; make it look like a direct call.
+    sys.argv = [f"ffcv-imagenet {name}"] + rest
+    result = module.main(rest)
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
