@@ -1,0 +1,346 @@
+"""Time-to-accuracy tables and plots from run folders.
+
+`ffcv-imagenet report RUN_DIR [RUN_DIR ...]` finds every `log.jsonl` under the given folders (a run
+folder, or a folder of run folders), and writes:
+
+- a Markdown table, one row per group of runs of the same preset on the same hardware: runs (n),
+  epochs, GPUs/devices, top-1 and top-5 (mean ± std over runs), wall-clock to the end (start-up
+  plus training and validation), time to reach each top-1 target, mean images/s;
+- `top1_vs_time.png`, `top1_vs_epoch.png` (every run overlaid) and `front.png` (final top-1
+  against wall-clock, one point per run, the group mean marked) in `--out`.
+
+Runs that were cut short or whose logs lack a field are listed, marked as such, never dropped:
+a cut-short run gets its own row with "incomplete k/N" and is not averaged with finished runs.
+"""
+
+import argparse
+import json
+import math
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+EPOCH_FIELDS = ("epoch", "lr", "resolution", "train_loss", "train_images_per_s", "top_1", "top_5",
+                "val_loss", "epoch_s", "elapsed_s")
+DEFAULT_TARGETS = (0.5, 0.6, 0.7, 0.75)
+MARKER = "<!-- report:{name} {edge} -->"
+
+
+@dataclass
+class Run:
+    """What one run folder's log says, with every gap recorded in `problems`."""
+
+    folder: Path
+    preset: str = "?"
+    planned_epochs: "int | None" = None
+    world_size: "int | None" = None
+    device: str = "?"
+    startup_s: "float | None" = None
+    epochs: list = field(default_factory=list)  # epoch records in order, one per epoch
+    summary: "dict | None" = None
+    problems: list = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        done = len(self.epochs)
+        return self.summary is not None and (self.planned_epochs is None or done >= self.planned_epochs)
+
+    @property
+    def final(self) -> dict:
+        return self.epochs[-1] if self.epochs else {}
+
+    def top1_at_end(self):
+        return _get(self.summary, "top_1", _get(self.final, "top_1"))
+
+    def top5_at_end(self):
+        return _get(self.summary, "top_5", _get(self.final, "top_5"))
+
+    def wallclock_s(self):
+        """Launch to the end: start-up plus training/validation wall-clock."""
+        elapsed = _get(self.summary, "elapsed_s", _get(self.final, "elapsed_s"))
+        if elapsed is None or self.startup_s is None:
+            return None
+        return self.startup_s + elapsed
+
+    def time_to(self, target: float):
+        """Wall-clock (start-up included) at the end of the first epoch whose top-1 reaches target."""
+        for rec in self.epochs:
+            top1, elapsed = rec.get("top_1"), rec.get("elapsed_s")
+            if top1 is not None and elapsed is not None and top1 >= target:
+                return elapsed + (self.startup_s or 0.0)
+        return None
+
+    def mean_images_per_s(self):
+        value = _get(self.summary, "mean_images_per_s")
+        if value is not None:
+            return value
+        rates = [r["train_images_per_s"] for r in self.epochs if r.get("train_images_per_s") is not None]
+        return statistics.fmean(rates) if rates else None
+
+
+def _get(record, key, default=None):
+    if not record:
+        return default
+    value = record.get(key)
+    return default if value is None else value
+
+
+def _lookup(params: dict, dotted: str):
+    """Find `section.key` in params.json, nested or flat, or None."""
+    if dotted in params:
+        return params[dotted]
+    node = params
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def load_run(folder: Path) -> Run:
+    """Parse `folder/log.jsonl` (and params.json when present) into a Run."""
+    run = Run(folder=folder)
+    params_path = folder / "params.json"
+    if params_path.exists():
+        try:
+            params = json.loads(params_path.read_text())
+        except json.JSONDecodeError as e:
+            params = {}
+            run.problems.append(f"params.json unreadable ({e})")
+        epochs = _lookup(params, "training.epochs")
+        run.planned_epochs = int(epochs) if epochs is not None else None
+        preset = _lookup(params, "config_file") or _lookup(params, "preset")
+        if preset:
+            run.preset = Path(str(preset)).stem
+    else:
+        run.problems.append("no params.json")
+
+    by_epoch = {}
+    for line_no, line in enumerate((folder / "log.jsonl").read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            run.problems.append(f"log.jsonl line {line_no} is not JSON (cut off while writing?)")
+            continue
+        kind = record.get("type", "epoch" if "epoch" in record else None)
+        if kind == "start":
+            if run.startup_s is None:  # the launch of the first attempt is the one that counts
+                run.startup_s = record.get("startup_s")
+            run.world_size = record.get("world_size", run.world_size)
+            run.device = record.get("device", run.device) or run.device
+        elif kind == "epoch":
+            by_epoch[record.get("epoch")] = record  # a resumed run rewrites an epoch: keep the last
+        elif kind == "summary":
+            run.summary = record
+            if record.get("preset"):
+                run.preset = Path(str(record["preset"])).stem
+            if run.startup_s is None:
+                run.startup_s = record.get("startup_s")
+    run.epochs = [by_epoch[k] for k in sorted(by_epoch, key=lambda e: (e is None, e))]
+
+    missing = sorted({k for rec in run.epochs for k in EPOCH_FIELDS if rec.get(k) is None})
+    if missing:
+        run.problems.append("missing " + ", ".join(missing))
+    if run.startup_s is None:
+        run.problems.append("missing startup_s")
+    if not run.complete:
+        planned = run.planned_epochs if run.planned_epochs is not None else "?"
+        run.problems.insert(0, f"incomplete {len(run.epochs)}/{planned} epochs")
+    return run
+
+
+def find_runs(paths) -> list:
+    """Every run folder (holding log.jsonl) at or under the given paths, in sorted order."""
+    runs = []
+    for path in map(Path, paths):
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no such run folder")
+        logs = [path / "log.jsonl"] if (path / "log.jsonl").exists() else sorted(path.rglob("log.jsonl"))
+        if not logs:
+            raise FileNotFoundError(f"{path}: no log.jsonl in it or below it")
+        runs.extend(load_run(log.parent) for log in logs)
+    return runs
+
+
+def _group_key(run: Run):
+    # Finished runs of one preset on one kind of hardware are averaged; cut-short runs stand alone.
+    return (run.preset, run.world_size, run.device, run.planned_epochs,
+            "complete" if run.complete else str(run.folder))
+
+
+def _mean_std(values, fmt):
+    values = [v for v in values if v is not None]
+    if not values:
+        return "—"
+    if len(values) == 1:
+        return fmt(values[0])
+    return f"{fmt(statistics.fmean(values))} ± {fmt(statistics.stdev(values))}"
+
+
+def _pct(x):
+    return f"{100 * x:.2f}%"
+
+
+def _minutes(s):
+    return f"{s / 60:.1f} min"
+
+
+def _rate(x):
+    return f"{x:,.0f}"
+
+
+def make_table(runs, targets=DEFAULT_TARGETS) -> str:
+    """The Markdown table: one row per group of finished runs, one per cut-short run."""
+    groups = {}
+    for run in runs:
+        groups.setdefault(_group_key(run), []).append(run)
+    header = ["preset", "runs", "epochs", "devices", "top-1", "top-5", "wall-clock"]
+    header += [f"to {_pct(t).replace('.00', '')}" for t in targets]
+    header += ["img/s", "notes"]
+    rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for (preset, world, device, planned, _), members in groups.items():
+        reached = []
+        for t in targets:
+            times = [r.time_to(t) for r in members]
+            hit = [x for x in times if x is not None]
+            cell = _mean_std(hit, _minutes) if hit else "not reached"
+            if hit and len(hit) < len(times):
+                cell += f" ({len(hit)}/{len(times)} runs)"
+            reached.append(cell)
+        done = [len(r.epochs) for r in members]
+        epochs = str(planned if planned is not None else max(done))
+        notes = sorted({p for r in members for p in r.problems})
+        rows.append("| " + " | ".join([
+            preset, str(len(members)), epochs, f"{world if world is not None else '?'} × {device}",
+            _mean_std([r.top1_at_end() for r in members], _pct),
+            _mean_std([r.top5_at_end() for r in members], _pct),
+            _mean_std([r.wallclock_s() for r in members], _minutes),
+            *reached,
+            _mean_std([r.mean_images_per_s() for r in members], _rate),
+            "; ".join(notes) if notes else "",
+        ]) + " |")
+    return "\n".join(rows) + "\n"
+
+
+def make_plots(runs, out_dir: Path) -> list:
+    """Write the three PNG plots; returns their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    presets = sorted({r.preset for r in runs})
+    colours = {p: plt.get_cmap("tab10")(i % 10) for i, p in enumerate(presets)}
+    paths = []
+
+    for x_key, x_label, name in (("time", "wall-clock since launch (min)", "top1_vs_time.png"),
+                                 ("epoch", "epoch", "top1_vs_epoch.png")):
+        fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+        labelled = set()
+        for run in runs:
+            points = [(r, r.get("top_1")) for r in run.epochs if r.get("top_1") is not None]
+            if x_key == "time":
+                xs = [((r.get("elapsed_s") or math.nan) + (run.startup_s or 0)) / 60 for r, _ in points]
+            else:
+                xs = [r.get("epoch", i) + 1 for i, (r, _) in enumerate(points)]
+            ys = [100 * y for _, y in points]
+            label = run.preset if run.preset not in labelled else None
+            labelled.add(run.preset)
+            ax.plot(xs, ys, marker="o", ms=3, lw=1.2, color=colours[run.preset], label=label,
+                    ls="-" if run.complete else "--", alpha=0.85)
+        ax.set_xlabel(x_label)
+        ax.set_ylabel("top-1 (%)")
+        ax.set_title(f"top-1 against {x_key} ({len(runs)} runs; dashed = cut short)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="lower right")
+        fig.tight_layout()
+        fig.savefig(out_dir / name)
+        plt.close(fig)
+        paths.append(out_dir / name)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for preset in presets:
+        members = [r for r in runs if r.preset == preset and r.complete
+                   and r.wallclock_s() is not None and r.top1_at_end() is not None]
+        if not members:
+            continue
+        xs = [r.wallclock_s() / 60 for r in members]
+        ys = [100 * r.top1_at_end() for r in members]
+        ax.scatter(xs, ys, color=colours[preset], alpha=0.5, s=18)
+        ax.scatter([statistics.fmean(xs)], [statistics.fmean(ys)], color=colours[preset], marker="D",
+                   s=50, edgecolor="black", label=f"{preset} (n={len(members)})")
+    ax.set_xlabel("wall-clock to the end, start-up included (min)")
+    ax.set_ylabel("final top-1 (%)")
+    ax.set_title("time against accuracy (one dot per run, diamond = mean)")
+    ax.grid(alpha=0.3)
+    if presets:
+        ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out_dir / "front.png")
+    plt.close(fig)
+    paths.append(out_dir / "front.png")
+    return paths
+
+
+def update_readme(readme: Path, section: str, text: str) -> None:
+    """Replace what stands between the section's start and end markers in `readme`."""
+    start, end = (MARKER.format(name=section, edge=e) for e in ("start", "end"))
+    content = readme.read_text()
+    if start not in content or end not in content or content.index(start) > content.index(end):
+        raise ValueError(f"{readme}: markers for section {section!r} not found; add the lines\n{start}\n{end}")
+    head, rest = content.split(start, 1)
+    _, tail = rest.split(end, 1)
+    readme.write_text(f"{head}{start}\n{text.rstrip()}\n{end}{tail}")
+
+
+def parse_targets(text: str) -> tuple:
+    try:
+        targets = tuple(float(t) / (100 if float(t) > 1 else 1) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise SystemExit(f"--targets: {text!r} is not a comma-separated list of numbers (e.g. 0.7,0.75 or 70,75)")
+    return targets
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="ffcv-imagenet report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", nargs="+", help="run folders (holding log.jsonl) or folders of them")
+    parser.add_argument("--targets", default=",".join(str(t) for t in DEFAULT_TARGETS),
+                        help="top-1 targets for the time-to-accuracy columns, fractions or percents "
+                             "(default %(default)s)")
+    parser.add_argument("--out", default=None, help="folder for the table (report.md) and the plots "
+                        "(default: the first RUN_DIR)")
+    parser.add_argument("--no-plots", action="store_true", help="write the table only")
+    parser.add_argument("--readme", default=None, help="also write the table into this Markdown file, "
+                        "between <!-- report:SECTION start --> and <!-- report:SECTION end -->")
+    parser.add_argument("--section", default="results", help="marker name for --readme (default %(default)s)")
+    args = parser.parse_args(argv)
+
+    try:
+        runs = find_runs(args.runs)
+    except FileNotFoundError as e:
+        print(f"ffcv-imagenet report: {e}", file=sys.stderr)
+        return 2
+    table = make_table(runs, parse_targets(args.targets))
+    out_dir = Path(args.out or args.runs[0])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "report.md").write_text(table)
+    print(table)
+    if not args.no_plots:
+        for path in make_plots(runs, out_dir):
+            print(f"plot: {path}")
+    if args.readme:
+        try:
+            update_readme(Path(args.readme), args.section, table)
+        except (ValueError, FileNotFoundError) as e:
+            print(f"ffcv-imagenet report: {e}", file=sys.stderr)
+            return 2
+        print(f"table written into {args.readme} (section {args.section!r})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""report: tables and plots from run logs (logs written here by hand, no training)."""
+
+import json
+
+import pytest
+
+from ffcv_imagenet import report
+
+
+def write_run(folder, preset, top1s, epochs_planned=None, summary=True, startup_s=10.0,
+              epoch_s=60.0, drop_field=None):
+    folder.mkdir(parents=True)
+    epochs_planned = len(top1s) if epochs_planned is None else epochs_planned
+    (folder / "params.json").write_text(json.dumps(
+        {"config_file": f"rn50_configs/{preset}.yaml", "training": {"epochs": epochs_planned}}))
+    lines = [{"type": "start", "startup_s": startup_s, "world_size": 1, "device": "cpu"}]
+    for i, top1 in enumerate(top1s):
+        rec = {"type": "epoch", "epoch": i, "lr": 0.1, "resolution": 160, "train_loss": 2.0 - i * 0.1,
+               "train_images_per_s": 100.0 + i, "top_1": top1, "top_5": min(1.0, top1 + 0.2),
+               "val_loss": 1.0, "epoch_s": epoch_s, "elapsed_s": epoch_s * (i + 1)}
+        if drop_field:
+            rec.pop(drop_field)
+        lines.append(rec)
+    if summary:
+        lines.append({"type": "summary", "epochs": len(top1s), "top_1": top1s[-1],
+                      "top_5": min(1.0, top1s[-1] + 0.2), "elapsed_s": epoch_s * len(top1s),
+                      "startup_s": startup_s, "mean_images_per_s": 101.0,
+                      "preset": f"rn50_configs/{preset}.yaml"})
+    (folder / "log.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+
+
+def test_groups_runs_of_a_preset_with_mean_std_and_count(tmp_path):
+    write_run(tmp_path / "a1", "fast", [0.5, 0.7])
+    write_run(tmp_path / "a2", "fast", [0.6, 0.8])
+    runs = report.find_runs([tmp_path])
+    assert len(runs) == 2
+    table = report.make_table(runs, targets=(0.7,))
+    row = [line for line in table.splitlines() if line.startswith("| fast")]
+    assert len(row) == 1
+    cells = [c.strip() for c in row[0].strip("|").split("|")]
+    assert cells[1] == "2"  # n runs
+    assert cells[4] == "75.00% ± 7.07%"  # mean ± sample std of 70 and 80
+    # wall-clock = start-up 10 s + 2 epochs of 60 s = 130 s
+    assert cells[6] == "2.2 min ± 0.0 min"
+    # time to 70%: run a1 reaches it at epoch 2 (130 s), run a2 at epoch 2 (130 s)
+    assert cells[7] == "2.2 min ± 0.0 min"
+
+
+def test_cut_short_and_missing_fields_are_shown_not_dropped(tmp_path):
+    write_run(tmp_path / "done", "p", [0.5, 0.6, 0.7])
+    write_run(tmp_path / "cut", "p", [0.5], epochs_planned=3, summary=False)
+    write_run(tmp_path / "holes", "q", [0.4, 0.5], drop_field="train_loss")
+    table = report.make_table(report.find_runs([tmp_path]), targets=(0.65,))
+    assert "incomplete 1/3 epochs" in table
+    assert "missing train_loss" in table
+    assert "not reached" in table  # the cut-short run never reached 65%
+    assert len([line for line in table.splitlines() if line.startswith("| ")]) == 4  # header + 3 rows
+
+
+def test_resumed_run_keeps_one_record_per_epoch(tmp_path):
+    write_run(tmp_path / "r", "p", [0.5, 0.6])
+    log = tmp_path / "r" / "log.jsonl"
+    lines = log.read_text().splitlines()
+    # a resume re-logged epoch 1 after a second start line
+    log.write_text("\n".join(lines[:2] + [json.dumps({"type": "start", "startup_s": 99.0})] + lines[2:]) + "\n")
+    run = report.load_run(tmp_path / "r")
+    assert [r["epoch"] for r in run.epochs] == [0, 1]
+    assert run.startup_s == 10.0
+
+
+def test_readme_section_replaced_between_markers(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- report:results start -->\nold\n<!-- report:results end -->\noutro\n")
+    report.update_readme(readme, "results", "| new |\n")
+    assert readme.read_text() == "intro\n<!-- report:results start -->\n| new |\n<!-- report:results end -->\noutro\n"
+    with pytest.raises(ValueError, match="other"):
+        report.update_readme(readme, "other", "x")
+
+
+def test_cli_writes_table_and_readable_pngs(tmp_path, capsys):
+    write_run(tmp_path / "runs" / "a", "fast", [0.3, 0.6])
+    write_run(tmp_path / "runs" / "b", "slow", [0.2, 0.5, 0.7])
+    assert report.main([str(tmp_path / "runs"), "--out", str(tmp_path / "out"), "--targets", "50,60"]) == 0
+    out = capsys.readouterr().out
+    assert "| fast" in out and "| slow" in out
+    assert "| fast" in (tmp_path / "out" / "report.md").read_text()
+    for name in ("top1_vs_time.png", "top1_vs_epoch.png", "front.png"):
+        path = tmp_path / "out" / name
+        assert path.exists() and path.stat().st_size > 1000
+    assert (tmp_path / "out" / "top1_vs_time.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_missing_folder_is_an_error_naming_it(tmp_path, capsys):
+    assert report.main([str(tmp_path / "nope")]) == 2
+    assert "nope" in capsys.readouterr().err
