@@ -1,0 +1,312 @@
+"""Train and val loaders over .beton files, and the on-device half of the input pipeline.
+
+CPU side (ffcv, numba threads): decode + RandomResizedCrop + horizontal flip for train, decode +
+center crop (ratio 224/256) for val, to uint8 NHWC batches that ffcv exposes as channels-last NCHW
+tensors on the device. Device side (torch, batched, `prepare_batch`): optional colour jitter and
+PCA lighting, then normalisation by the ImageNet mean and std in the training dtype.
+
+Sharding across processes:
+- train: one global order per epoch, identical on every rank (seed, epoch), cut into `world_size`
+  interleaved shards of equal length (the remainder beyond a multiple of world_size is dropped, as
+  drop_last does for batches). This is our own ffcv TraversalOrder, used for RANDOM and for
+  QUASI_RANDOM alike, so QUASI_RANDOM works with several processes (ffcv refuses it with
+  `distributed=True`): the quasi-random order stays page-local globally and each rank takes every
+  world_size-th sample of it, so the ranks read the same pages at about the same time.
+- val: each rank gets a contiguous block of indices (`indices=`), sequential order and
+  drop_last=False, so every val image is evaluated exactly once across ranks. ffcv's own
+  distributed mode uses torch's DistributedSampler, which pads by repeating images to equal
+  length; that would count some images twice.
+
+Progressive resizing sets the train decoder's `output_size` between epochs (ffcv re-reads it when
+it allocates the epoch's buffers). The decoder is built by a factory argument so that another
+decoder can be swapped in.
+"""
+
+import os
+import warnings
+
+import numpy as np
+import torch
+
+from ffcv.fields.basics import IntDecoder
+from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder
+from ffcv.loader import Loader, OrderOption
+from ffcv.pipeline.compiler import Compiler
+from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, ToTorchImage
+from ffcv.traversal_order.base import TraversalOrder
+from ffcv.traversal_order.quasi_random import QuasiRandom
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # RGB, on [0, 1]
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# AlexNet's PCA of ImageNet RGB pixels (on [0, 1]); rows of EIGVEC are per colour channel.
+PCA_EIGVAL = (0.2175, 0.0188, 0.0045)
+PCA_EIGVEC = ((-0.5675, 0.7192, 0.4009),
+              (-0.5808, -0.0045, -0.8140),
+              (-0.5836, -0.6948, 0.4203))
+VAL_CROP_RATIO = 224 / 256
+
+
+# --------------------------------------------------------------------------- traversal orders
+
+class ShardedOrder(TraversalOrder):
+    """One global order per epoch (RANDOM or QUASI_RANDOM), same on every rank; rank r takes
+    positions r, r + world, r + 2*world, ... of it, truncated to equal length on every rank."""
+
+    def __init__(self, loader, *, quasi_random: bool, rank: int, world_size: int):
+        super().__init__(loader)
+        self.rank, self.world_size = rank, world_size
+        self.quasi = None
+        if quasi_random:
+            if not loader.memory_manager.page_to_samples:
+                raise ValueError("quasi_random order needs a paged .beton; use data.order=random")
+            self.quasi = QuasiRandom.__new__(QuasiRandom)  # reuse its page-aware generator
+            self.quasi.loader, self.quasi.indices, self.quasi.seed = loader, self.indices, self.seed
+            self.quasi.page_to_samples = loader.memory_manager.page_to_samples
+            self.quasi.distributed = False
+            self.quasi.prepare_data_structures()
+
+    def sample_order(self, epoch: int):
+        if self.quasi is not None:
+            order = self.quasi.sample_order(epoch)
+        else:
+            order = np.random.default_rng([self.seed, epoch]).permutation(self.indices)
+        per_rank = len(order) // self.world_size
+        return order[self.rank::self.world_size][:per_rank]
+
+
+class _OrderFactory(TraversalOrder):
+    """ffcv's Loader calls `order(loader)` on a TraversalOrder *instance*; this adapts our class."""
+
+    def __init__(self, **kwargs):  # no loader yet
+        self.kwargs = kwargs
+
+    def __call__(self, loader):
+        return ShardedOrder(loader, **self.kwargs)
+
+    def sample_order(self, epoch):  # pragma: no cover - never used on the factory
+        raise NotImplementedError
+
+
+# --------------------------------------------------------------------------- decoders
+
+def train_decoder(resolution_px: int, scale, ratio, *, seed: int = 0, deterministic: bool = False):
+    """Default train decoder factory: ffcv's RandomResizedCrop (seeded variant when deterministic)."""
+    if deterministic:
+        return SeededRandomResizedCrop((resolution_px, resolution_px), scale=tuple(scale),
+                                       ratio=tuple(ratio), seed=seed)
+    return RandomResizedCropRGBImageDecoder((resolution_px, resolution_px), scale=tuple(scale),
+                                            ratio=tuple(ratio))
+
+
+class SeededRandomResizedCrop(RandomResizedCropRGBImageDecoder):
+    """RandomResizedCrop whose randomness is a function of (seed, the batch's sample indices).
+
+    ffcv draws crops and flips from numba's thread-local RNG, which nobody seeds, so two runs never
+    crop alike. Here numba's RNG is reseeded at the start of each batch from a hash of the seed and
+    the batch's indices (which differ per epoch because the order does); with one decoding thread
+    the flip that follows draws from the same stream, so the whole batch is reproducible.
+    """
+
+    def __init__(self, output_size, scale, ratio, seed: int):
+        super().__init__(output_size, scale=scale, ratio=ratio)
+        self.seed = int(seed) % 2147483647
+
+    def generate_code(self):
+        decode = Compiler.compile(super().generate_code())
+        base_seed = self.seed
+
+        def seeded_decode(batch_indices, my_storage, metadata, storage_state):
+            h = np.int64(base_seed)
+            for k in range(len(batch_indices)):
+                h = (h * np.int64(1000003) + np.int64(batch_indices[k]) + np.int64(1)) % np.int64(2147483647)
+            np.random.seed(h)
+            return decode(batch_indices, my_storage, metadata, storage_state)
+
+        return seeded_decode
+
+
+# --------------------------------------------------------------------------- loaders
+
+class TrainLoader:
+    """ffcv Loader plus what the engine changes between epochs: the epoch and the resolution."""
+
+    def __init__(self, loader: Loader, decoder, num_samples: int, torch_threads: int):
+        self.loader, self.decoder = loader, decoder
+        self.num_samples = num_samples
+        self.torch_threads = torch_threads
+
+    def set_epoch(self, epoch: int) -> None:
+        self.loader.next_epoch = epoch  # our order and ffcv's use it as the shuffle seed
+
+    def set_resolution(self, resolution_px: int) -> None:
+        self.decoder.output_size = (resolution_px, resolution_px)
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        yield from _iterate(self.loader, self.torch_threads)
+
+
+class ValLoader:
+    def __init__(self, loader: Loader, num_samples: int, torch_threads: int):
+        self.loader, self.num_samples, self.torch_threads = loader, num_samples, torch_threads
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        yield from _iterate(self.loader, self.torch_threads)
+
+
+def _iterate(loader: Loader, torch_threads: int):
+    # ffcv's Loader calls torch.set_num_threads(num_workers) when iterated (and again from its
+    # worker thread as it starts); put back the thread count the model should use.
+    iterator = iter(loader)
+    torch.set_num_threads(torch_threads)
+    first = True
+    try:
+        for batch in iterator:
+            if first:
+                torch.set_num_threads(torch_threads)
+                first = False
+            yield batch
+    finally:
+        iterator.close()  # stops ffcv's worker thread when the consumer stops early
+        torch.set_num_threads(torch_threads)
+
+
+def num_samples(path) -> int:
+    from ffcv.reader import Reader
+
+    return int(Reader(str(path)).num_samples)
+
+
+def check_in_memory(path, in_memory: bool, processes_on_node: int = 1) -> None:
+    """Warn when os_cache is asked for a file larger than the available RAM."""
+    if not in_memory:
+        return
+    import psutil
+
+    size = os.path.getsize(path)
+    available = psutil.virtual_memory().available
+    if size > available:
+        warnings.warn(
+            f"{path} is {size / 2**30:.1f} GiB but only {available / 2**30:.1f} GiB of RAM is available: "
+            "with data.in_memory=1 the page cache will thrash and an epoch can take an hour. "
+            "Use --data.in_memory=0 --data.order=quasi_random, a smaller dataset (lower max "
+            "resolution, more JPEG), or a machine with more RAM.", stacklevel=2)
+
+
+def _image_pipeline(decoder, device, flip: bool):
+    ops = [decoder] + ([RandomHorizontalFlip()] if flip else [])
+    return ops + [ToTensor(), ToDevice(device, non_blocking=True), ToTorchImage(channels_last=True)]
+
+
+def _label_pipeline(device):
+    return [IntDecoder(), ToTensor(), Squeeze(), ToDevice(device, non_blocking=True)]
+
+
+def _no_batch_error(kind, path, n, batch_size, world_size, drop_last):
+    return ValueError(
+        f"{kind} loader for {path} would yield no batch: {n} samples split over {world_size} "
+        f"process(es) is {n // world_size} per process, fewer than batch_size={batch_size}"
+        f"{' with drop_last' if drop_last else ''}; lower the batch size or use more data")
+
+
+def create_train_loader(path, *, batch_size: int, resolution_px: int, num_workers: int,
+                        device, rank: int = 0, world_size: int = 1, in_memory: bool = True,
+                        order: str = "random", seed: int = 0, scale=(0.08, 1.0),
+                        ratio=(3 / 4, 4 / 3), deterministic: bool = False, torch_threads=None,
+                        decoder_factory=train_decoder) -> TrainLoader:
+    """Train loader for this rank: equal-length shards, drop_last, channels-last uint8 on `device`."""
+    path = str(path)
+    n = num_samples(path)
+    if (n // world_size) // batch_size == 0:
+        raise _no_batch_error("train", path, n, batch_size, world_size, True)
+    check_in_memory(path, in_memory)
+    if deterministic:
+        num_workers = 1  # the seeded decoder relies on one decoding thread
+    torch_threads = torch_threads or torch.get_num_threads()
+    decoder = decoder_factory(resolution_px, scale, ratio, seed=seed, deterministic=deterministic)
+    loader = Loader(
+        path, batch_size=batch_size, num_workers=num_workers, os_cache=in_memory,
+        order=_OrderFactory(quasi_random=(order == "quasi_random"), rank=rank, world_size=world_size),
+        seed=seed, drop_last=True,
+        pipelines={"image": _image_pipeline(decoder, device, flip=True), "label": _label_pipeline(device)},
+    )
+    torch.set_num_threads(torch_threads)
+    return TrainLoader(loader, decoder, n, torch_threads)
+
+
+def create_val_loader(path, *, batch_size: int, resolution_px: int, num_workers: int, device,
+                      rank: int = 0, world_size: int = 1, in_memory: bool = True,
+                      torch_threads=None) -> ValLoader:
+    """Val loader for this rank: a contiguous block of the file, every image exactly once overall."""
+    path = str(path)
+    n = num_samples(path)
+    shard = np.array_split(np.arange(n), world_size)[rank]
+    if len(shard) == 0:
+        raise _no_batch_error("val", path, n, batch_size, world_size, False)
+    torch_threads = torch_threads or torch.get_num_threads()
+    decoder = CenterCropRGBImageDecoder((resolution_px, resolution_px), ratio=VAL_CROP_RATIO)
+    loader = Loader(
+        path, batch_size=batch_size, num_workers=num_workers, os_cache=in_memory,
+        order=OrderOption.SEQUENTIAL, indices=shard, drop_last=False,
+        pipelines={"image": _image_pipeline(decoder, device, flip=False), "label": _label_pipeline(device)},
+    )
+    torch.set_num_threads(torch_threads)
+    return ValLoader(loader, len(shard), torch_threads)
+
+
+# --------------------------------------------------------------------------- on-device half
+
+def prepare_batch(images: torch.Tensor, *, dtype: torch.dtype, color_jitter: float = 0.0,
+                  pca_lighting: float = 0.0, generator=None) -> torch.Tensor:
+    """uint8 NCHW (channels-last) -> normalised `dtype` channels-last; augments when asked."""
+    if color_jitter > 0 or pca_lighting > 0:
+        x = images.float()
+        if color_jitter > 0:
+            x = color_jitter_(x, color_jitter, generator)
+        if pca_lighting > 0:
+            x = pca_lighting_(x, pca_lighting, generator)
+        x = x.to(dtype)
+    else:
+        x = images.to(dtype)
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device, dtype=dtype).view(1, 3, 1, 1) * 255
+    std = torch.tensor(IMAGENET_STD, device=x.device, dtype=dtype).view(1, 3, 1, 1) * 255
+    x = (x - mean) / std
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+def _uniform(n, low, high, x, generator):
+    u = torch.rand(n, 1, 1, 1, generator=generator, device=generator.device if generator else "cpu")
+    return (low + (high - low) * u).to(x.device)
+
+
+def _gray(x):
+    return (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+
+
+def color_jitter_(x: torch.Tensor, strength: float, generator=None) -> torch.Tensor:
+    """Brightness, contrast and saturation each scaled by U[1-s, 1+s] per image (pixels on [0, 255])."""
+    n = x.shape[0]
+    lo, hi = max(0.0, 1 - strength), 1 + strength
+    x = x * _uniform(n, lo, hi, x, generator)
+    x = x.clamp(0, 255)
+    mean = _gray(x).mean(dim=(1, 2, 3), keepdim=True)
+    x = ((x - mean) * _uniform(n, lo, hi, x, generator) + mean).clamp(0, 255)
+    gray = _gray(x)
+    x = ((x - gray) * _uniform(n, lo, hi, x, generator) + gray).clamp(0, 255)
+    return x
+
+
+def pca_lighting_(x: torch.Tensor, std: float, generator=None) -> torch.Tensor:
+    """AlexNet lighting noise: add eigvec @ (alpha * eigval), alpha ~ N(0, std), per image."""
+    n = x.shape[0]
+    alpha = torch.randn(n, 3, generator=generator, device=generator.device if generator else "cpu") * std
+    alpha = alpha.to(x.device)
+    eigval = torch.tensor(PCA_EIGVAL, device=x.device)
+    eigvec = torch.tensor(PCA_EIGVEC, device=x.device)
+    rgb = (alpha * eigval) @ eigvec.T * 255  # [n, 3]
+    return (x + rgb.view(n, 3, 1, 1)).clamp(0, 255)

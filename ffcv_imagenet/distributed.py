@@ -1,0 +1,101 @@
+"""Process-group set-up from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, ...).
+
+One process without torchrun needs no environment and creates no process group. Several processes
+use NCCL on CUDA and gloo on CPU. Failure handling: torchrun terminates the other workers when one
+exits with an error (its own failure propagation); the process group gets a finite timeout so that
+a rank waiting on a dead peer raises instead of hanging forever; `cleanup()` destroys the group on
+every exit path of `fit`.
+"""
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    device: torch.device
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def cpu_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        return os.cpu_count() or 1
+
+
+def setup(device: str = "auto", timeout_s: float = 600.0) -> DistInfo:
+    """Initialise from torchrun's environment; device is 'auto', 'cuda' or 'cpu'."""
+    rank = int(os.environ.get("RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if use_cuda and not torch.cuda.is_available():
+        raise RuntimeError("training.device=cuda but torch sees no CUDA device")
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+        set_cpu_threads(local_world_size)
+
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(
+            backend="nccl" if use_cuda else "gloo",
+            timeout=datetime.timedelta(seconds=timeout_s),
+            device_id=dev if use_cuda else None,
+        )
+    return DistInfo(rank, world_size, local_rank, local_world_size, dev)
+
+
+def set_cpu_threads(local_world_size: int) -> int:
+    """Give each process on this node its share of the cores.
+
+    torchrun sets OMP_NUM_THREADS=1 in every worker, which would leave CPU training on one core;
+    the share of the cores this process may run on is what we want instead.
+    """
+    threads = max(1, cpu_cores() // max(1, local_world_size))
+    torch.set_num_threads(threads)
+    return threads
+
+
+def cleanup() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over processes, in place; a no-op in one process."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def broadcast_object(obj, src: int = 0):
+    if dist.is_available() and dist.is_initialized():
+        box = [obj]
+        dist.broadcast_object_list(box, src=src)
+        return box[0]
+    return obj

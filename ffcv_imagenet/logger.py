@@ -1,0 +1,122 @@
+"""The run folder and its time-to-accuracy log.
+
+Layout: `logging.folder` *is* the run folder (no generated run id, so that `--training.resume=1`
+with the same command line finds it again):
+
+    <folder>/params.json     resolved config + derived values (global batch, accum steps, peak lr)
+    <folder>/env.json        versions, devices, world size, host, CPU count, git commit
+    <folder>/log.jsonl       one JSON object per line (below)
+    <folder>/checkpoint.pt   last complete epoch (see checkpoint.py)
+
+log.jsonl lines, in order:
+    {"type": "start", "startup_s", "world_size", "global_batch_size", "batch_size_per_gpu",
+     "accum_steps", "peak_lr", "precision", "device", "resumed_from_epoch": null|int, "time"}
+        at every (re)start;
+    {"type": "epoch", "epoch", "lr", "resolution", "train_loss", "train_images_per_s", "top_1",
+     "top_5", "val_loss", "val_count", "epoch_s", "elapsed_s", "time"}  per epoch (0-based);
+    {"type": "summary", "epochs", "top_1", "top_5", "elapsed_s", "startup_s", "total_images",
+     "mean_images_per_s", "preset", "time"}  once, at the end.
+
+Only rank 0 writes; other ranks get a logger that does nothing (the one rank check lives here).
+"""
+
+import datetime
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+
+
+def now_iso() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+class RunLogger:
+    def __init__(self, folder, *, enabled: bool):
+        self.folder = str(folder)
+        self.enabled = enabled
+        self.log_path = os.path.join(self.folder, "log.jsonl")
+        if enabled:
+            os.makedirs(self.folder, exist_ok=True)
+
+    def write_json(self, name: str, obj: dict) -> None:
+        if not self.enabled:
+            return
+        path = os.path.join(self.folder, name)
+        tmp = path + f".tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1, default=str)
+            f.write("\n")
+        os.replace(tmp, path)
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        record = {**record, "time": record.get("time", now_iso())}
+        with open(self.log_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def records(self) -> list:
+        if not os.path.exists(self.log_path):
+            return []
+        with open(self.log_path) as f:
+            return [json.loads(line) for line in f if line.strip()]
+
+    def keep_epochs_before(self, epoch: int) -> None:
+        """On resume from a checkpoint taken after `epoch` epochs: drop epoch lines >= epoch and
+        any summary, so that the log never holds an epoch twice."""
+        if not self.enabled or not os.path.exists(self.log_path):
+            return
+        kept = [r for r in self.records()
+                if not (r.get("type") == "epoch" and r.get("epoch", -1) >= epoch)
+                and r.get("type") != "summary"]
+        tmp = self.log_path + f".tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            for r in kept:
+                f.write(json.dumps(r) + "\n")
+        os.replace(tmp, self.log_path)
+
+
+def git_commit(path) -> str | None:
+    try:
+        out = subprocess.run(["git", "-C", str(path), "rev-parse", "HEAD"], capture_output=True,
+                             text=True, timeout=5)
+        if out.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "-C", str(path), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment(world_size: int) -> dict:
+    """Versions, devices and host of this run."""
+    from importlib import metadata
+
+    import torch
+
+    versions = {}
+    for package in ("torch", "torchvision", "ffcv", "numba", "numpy", "fastargs", "ffcv-imagenet"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    cuda = torch.cuda.is_available()
+    return {
+        "python": sys.version.split()[0],
+        "versions": versions,
+        "cuda": torch.version.cuda,
+        "device_count": torch.cuda.device_count() if cuda else 0,
+        "device_names": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else [],
+        "world_size": world_size,
+        "hostname": socket.gethostname(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "git_commit": git_commit(os.path.dirname(os.path.abspath(__file__))),
+        "time": now_iso(),
+    }

@@ -1,0 +1,221 @@
+"""Model factory: any torchvision classification architecture, plus the recipe's tweaks.
+
+Contract
+--------
+`create_model(arch, num_classes=..., zero_init_residual=..., use_blurpool=..., resnet_d=...,
+xavier_init=...)` builds a randomly initialised torchvision model (never downloads weights) and
+applies, in this order:
+
+1. ResNet-D ("Bag of Tricks", He et al. 2019; ResNets only): the 7x7 stem conv becomes three 3x3
+   convs (3->32 stride 2, 32->32, 32->64), each followed by BN + ReLU (the last ReLU is the
+   original stem's); every downsampling shortcut becomes AvgPool2d(2, stride 2, ceil_mode=True,
+   count_include_pad=False) -> 1x1 conv stride 1 -> BN. New layers get torchvision's ResNet
+   initialisation (Kaiming normal, fan_out).
+2. Xavier init (optional): xavier_uniform_ on every Conv/Linear weight, their biases zeroed.
+3. Zero-init residual (default on): the γ of the last BN of every residual branch
+   (BasicBlock.bn2, Bottleneck.bn3) is set to 0, so each block starts as the identity
+   (Goyal et al. 2017). Other architectures are left unchanged by this flag.
+4. BlurPool (optional), as ffcv-imagenet applies it: every Conv2d with stride > 1 and at least 16
+   input channels is preceded by a fixed depthwise [1,2,1]x[1,2,1]/16 blur (stride 1, zero
+   padding 1). The 3-channel stem conv is left alone, as is every 1x1 shortcut conv that
+   ResNet-D turned to stride 1. The wrapper keeps ffcv-imagenet's attribute name `conv`, so the
+   conv weights of a BlurPool model are stored as `<name>.conv.weight` in both projects; the
+   blur filter is a constant and is not saved in state dicts.
+
+`count_parameters(model)` counts trainable parameters.
+"""
+
+import difflib
+
+import torch
+import torch.nn.functional as F
+
+
+class BlurPool2d(torch.nn.Module):
+    """Fixed depthwise 3x3 binomial blur ([1,2,1]x[1,2,1]/16), stride 1, same spatial size.
+
+    `padding_mode` is 'zeros' (ffcv-imagenet's choice) or 'reflect' / 'replicate'. Works with
+    channels-last inputs (a grouped conv keeps the memory format).
+    """
+
+    def __init__(self, channels: int, padding_mode: str = "zeros"):
+        super().__init__()
+        if padding_mode not in ("zeros", "reflect", "replicate"):
+            raise ValueError(f"padding_mode must be 'zeros', 'reflect' or 'replicate', "
+                             f"got {padding_mode!r}")
+        self.channels = channels
+        self.padding_mode = padding_mode
+        taps = torch.tensor([1.0, 2.0, 1.0])
+        kernel = (taps[:, None] * taps[None, :]) / 16.0
+        # Constant: not a parameter, not saved (persistent=False), moved by .to() like any buffer.
+        self.register_buffer("filter", kernel.expand(channels, 1, 3, 3).clone(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.filter.to(dtype=x.dtype)
+        if self.padding_mode == "zeros":
+            return F.conv2d(x, weight, stride=1, padding=1, groups=self.channels)
+        padded = F.pad(x, (1, 1, 1, 1), mode=self.padding_mode)
+        return F.conv2d(padded, weight, stride=1, padding=0, groups=self.channels)
+
+    def extra_repr(self) -> str:
+        return f"{self.channels}, padding_mode={self.padding_mode!r}"
+
+
+class BlurConv2d(torch.nn.Module):
+    """`BlurPool2d(conv.in_channels)` followed by the wrapped strided `conv`."""
+
+    def __init__(self, conv: torch.nn.Conv2d, padding_mode: str = "zeros"):
+        super().__init__()
+        self.blur = BlurPool2d(conv.in_channels, padding_mode=padding_mode)
+        self.conv = conv
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(self.blur(x))
+
+
+def apply_blurpool(model: torch.nn.Module, *, min_in_channels: int = 16,
+                   padding_mode: str = "zeros") -> torch.nn.Module:
+    """Wrap, in place, every Conv2d with stride > 1 and >= `min_in_channels` inputs in a BlurConv2d.
+
+    Returns `model` for chaining. Already-wrapped convs are not wrapped twice.
+    """
+    for name, child in model.named_children():
+        if isinstance(child, BlurConv2d):
+            continue
+        if (isinstance(child, torch.nn.Conv2d) and max(child.stride) > 1
+                and child.in_channels >= min_in_channels):
+            setattr(model, name, BlurConv2d(child, padding_mode=padding_mode))
+        else:
+            apply_blurpool(child, min_in_channels=min_in_channels, padding_mode=padding_mode)
+    return model
+
+
+def available_models() -> list:
+    """Names of torchvision's classification architectures."""
+    import torchvision
+
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def _kaiming_init_(module: torch.nn.Module) -> None:
+    """torchvision's ResNet initialisation for layers this module adds."""
+    for m in module.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, (torch.nn.BatchNorm2d, torch.nn.GroupNorm)):
+            torch.nn.init.ones_(m.weight)
+            torch.nn.init.zeros_(m.bias)
+
+
+def _conv_bn_relu(in_ch: int, out_ch: int, stride: int, norm_layer, relu: bool = True) -> list:
+    layers = [torch.nn.Conv2d(in_ch, out_ch, 3, stride=stride, padding=1, bias=False),
+              norm_layer(out_ch)]
+    if relu:
+        layers.append(torch.nn.ReLU(inplace=True))
+    return layers
+
+
+def apply_resnet_d(model: torch.nn.Module) -> torch.nn.Module:
+    """Turn a torchvision ResNet into ResNet-D in place (deep stem, avg-pool shortcuts).
+
+    The stem conv `model.conv1` becomes Sequential(3x3 s2 3->32, BN, ReLU, 3x3 32->32, BN, ReLU,
+    3x3 32->64); the existing `model.bn1`/`model.relu` follow it, as in the paper. Each
+    `downsample` becomes Sequential(AvgPool2d(2, 2, ceil_mode=True, count_include_pad=False),
+    1x1 conv stride 1, BN). ValueError for any other architecture.
+    """
+    import torchvision
+
+    if not isinstance(model, torchvision.models.ResNet):
+        raise ValueError("resnet_d applies to torchvision ResNets only, "
+                         f"got {type(model).__name__}")
+    norm_layer = type(model.bn1)
+    stem_out = model.conv1.out_channels  # 64 for every torchvision ResNet
+    stem_mid = stem_out // 2
+    stem = torch.nn.Sequential(
+        *_conv_bn_relu(model.conv1.in_channels, stem_mid, 2, norm_layer),
+        *_conv_bn_relu(stem_mid, stem_mid, 1, norm_layer),
+        torch.nn.Conv2d(stem_mid, stem_out, 3, stride=1, padding=1, bias=False),
+    )
+    _kaiming_init_(stem)
+    model.conv1 = stem
+
+    for module in list(model.modules()):
+        downsample = getattr(module, "downsample", None)
+        if not isinstance(downsample, torch.nn.Sequential):
+            continue
+        conv, bn = downsample[0], downsample[1]
+        stride = conv.stride[0]
+        layers = []
+        if stride > 1:
+            layers.append(torch.nn.AvgPool2d(stride, stride=stride, ceil_mode=True,
+                                             count_include_pad=False))
+        new_conv = torch.nn.Conv2d(conv.in_channels, conv.out_channels, 1, stride=1, bias=False)
+        new_bn = type(bn)(bn.num_features)
+        layers += [new_conv, new_bn]
+        new_downsample = torch.nn.Sequential(*layers)
+        _kaiming_init_(new_downsample)
+        module.downsample = new_downsample
+    return model
+
+
+def apply_xavier_init(model: torch.nn.Module) -> torch.nn.Module:
+    """xavier_uniform_ on every Conv/Linear weight and zero their biases, in place."""
+    for m in model.modules():
+        if isinstance(m, (torch.nn.modules.conv._ConvNd, torch.nn.Linear)):
+            torch.nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                torch.nn.init.zeros_(m.bias)
+    return model
+
+
+def zero_init_last_bn(model: torch.nn.Module) -> int:
+    """Set γ of the last BN of every ResNet residual branch to 0, in place; returns how many."""
+    from torchvision.models.resnet import BasicBlock, Bottleneck
+
+    count = 0
+    for m in model.modules():
+        bn = m.bn3 if isinstance(m, Bottleneck) else m.bn2 if isinstance(m, BasicBlock) else None
+        if bn is not None and bn.weight is not None:
+            torch.nn.init.zeros_(bn.weight)
+            count += 1
+    return count
+
+
+def create_model(arch: str, *, num_classes: int = 1000, zero_init_residual: bool = True,
+                 use_blurpool: bool = False, resnet_d: bool = False,
+                 xavier_init: bool = False,
+                 blurpool_padding_mode: str = "zeros") -> torch.nn.Module:
+    """A randomly initialised torchvision classification model `arch` with the recipe's tweaks.
+
+    Unknown `arch` -> ValueError naming it and the closest valid names. Never downloads weights.
+    """
+    import torchvision
+
+    names = available_models()
+    if arch not in names:
+        close = difflib.get_close_matches(arch, names, n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(f"unknown model.arch {arch!r}{hint} (torchvision has {len(names)} "
+                         "classification models, see torchvision.models.list_models())")
+    if num_classes <= 0:
+        raise ValueError(f"num_classes must be > 0, got {num_classes}")
+
+    model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+    if resnet_d:
+        apply_resnet_d(model)
+    if xavier_init:
+        apply_xavier_init(model)
+    if zero_init_residual:
+        zero_init_last_bn(model)
+    if use_blurpool:
+        apply_blurpool(model, padding_mode=blurpool_padding_mode)
+    return model
+
+
+def count_parameters(model: torch.nn.Module, *, trainable_only: bool = True) -> int:
+    """Number of (trainable) parameters, shared ones counted once."""
+    seen = {}
+    for p in model.parameters():
+        if p.requires_grad or not trainable_only:
+            seen[id(p)] = p.numel()
+    return sum(seen.values())

@@ -1,0 +1,509 @@
+"""The training engine: `fit(cfg)` reads in setup order, distributed -> data -> model -> optimizer
+-> resume -> loop -> save; `train_one_epoch` and `evaluate` do one pass each.
+
+    ffcv-imagenet train --config-file rn50_configs/rn50_16_epochs.yaml --data.train_dataset=...
+    torchrun --nproc_per_node=8 -m ffcv_imagenet.train --config-file ... (several processes)
+
+Same result on 1 or 8 GPUs: a preset states `training.global_batch_size` (images per optimizer
+step); with fewer processes the engine accumulates gradients over `accum_steps` micro-batches to
+keep it. When the per-GPU batch no longer divides it, the global batch becomes the nearest
+multiple and the peak lr follows it when `lr.lr_scaling=linear` (peak = lr.lr x global / 256).
+What was decided is printed at start-up and logged (`start` line, params.json).
+
+Exact resume (training.deterministic=1, CPU): every source of randomness of an epoch is a function
+of (seed, epoch) -- the loader's order (ffcv seeds it with its epoch counter, which we set), the
+crops and flips (a seeded decoder, see data.SeededRandomResizedCrop), mixup/jitter (a torch
+Generator seeded per epoch) -- and the checkpoint after each epoch holds the model, optimizer and
+scaler states. A run killed mid-epoch resumes from the last complete epoch and replays that epoch
+exactly, ending with the same weights as an uninterrupted run.
+"""
+
+import contextlib
+import os
+import random
+import signal
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ffcv_imagenet import checkpoint as ckpt_io
+from ffcv_imagenet import distributed
+from ffcv_imagenet.config import load_config
+from ffcv_imagenet.data import create_train_loader, create_val_loader, prepare_batch
+from ffcv_imagenet.logger import RunLogger, environment
+from ffcv_imagenet.metadata import check_same_classes, read_metadata
+from ffcv_imagenet.schedules import lr_at, resolution_at
+
+# Test hook: "EPOCH:STEP" makes rank 0 SIGKILL itself after optimizer step STEP (1-based) of
+# EPOCH (0-based), to test resume after a hard kill in the middle of an epoch.
+KILL_ENV = "FFCV_IMAGENET_TEST_KILL_AT"
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+# --------------------------------------------------------------------------- small decisions
+
+def launch_time() -> float:
+    """When this job was launched: the torchrun agent's start under torchrun, else ours."""
+    import psutil
+
+    process = psutil.Process()
+    if "TORCHELASTIC_RUN_ID" in os.environ and process.parent() is not None:
+        return process.parent().create_time()
+    return process.create_time()
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision == "auto":
+        return "fp16" if device.type == "cuda" else "bf16"
+    if precision == "fp16" and device.type == "cpu":
+        print("warning: fp16 autocast on CPU is 20-60x slower than bf16; use --training.precision=bf16",
+              file=sys.stderr)
+    return precision
+
+
+def plan_batch(*, batch_size_per_gpu: int, world_size: int, global_batch_size: int,
+               base_lr: float, lr_scaling: str) -> dict:
+    """Global batch, accumulation steps and peak lr for this many processes.
+
+    `global_batch_size` is what the preset states (0: batch_size x world_size). When the micro-
+    batches of all processes divide it, gradients are accumulated to keep it exactly; otherwise
+    the global batch becomes the nearest multiple of them.
+    """
+    per_micro_step = batch_size_per_gpu * world_size
+    requested = global_batch_size or per_micro_step
+    accum_steps = max(1, round(requested / per_micro_step))
+    effective = per_micro_step * accum_steps
+    peak_lr = base_lr * effective / 256 if lr_scaling == "linear" else base_lr
+    lines = [f"global batch {effective} = {batch_size_per_gpu} per process x {world_size} "
+             f"process(es) x {accum_steps} accumulation step(s)"]
+    if effective != requested:
+        if lr_scaling == "linear":
+            lines.append(f"  the preset asks for {requested}, which {per_micro_step} does not divide; "
+                         f"lr scaled linearly with the global batch")
+        else:
+            lines.append(f"  WARNING: the preset asks for {requested}, which {per_micro_step} does not "
+                         "divide; lr NOT rescaled (lr.lr_scaling=none): set lr.lr for this batch")
+    if lr_scaling == "linear":
+        lines.append(f"peak lr {peak_lr:.6g} = {base_lr:g} x {effective}/256 (lr.lr_scaling=linear)")
+    else:
+        lines.append(f"peak lr {peak_lr:.6g} = lr.lr (lr.lr_scaling=none)")
+    return {"global_batch_size": effective, "requested_global_batch_size": requested,
+            "accum_steps": accum_steps, "peak_lr": peak_lr, "message": "\n".join(lines)}
+
+
+def configure_determinism(deterministic: bool) -> None:
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    else:
+        torch.backends.cudnn.benchmark = True
+
+
+def seed_epoch(seed: int, epoch: int, rank: int, device: torch.device) -> torch.Generator:
+    """Seed the global RNGs from (seed, epoch); return this rank's generator for augmentation."""
+    epoch_seed = (seed * 1_000_003 + epoch) % 2**31
+    random.seed(epoch_seed)
+    np.random.seed(epoch_seed)
+    torch.manual_seed(epoch_seed)
+    generator = torch.Generator(device=device)
+    generator.manual_seed(epoch_seed * 1009 + rank)
+    return generator
+
+
+def autocast_context(device: torch.device, precision: str):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=DTYPES[precision])
+
+
+# --------------------------------------------------------------------------- one pass each
+
+def compute_loss(model, images, labels, *, label_smoothing=0.0, mixup_alpha=0.0, num_classes=None,
+                 teacher=None, distill_temperature=4.0, distill_weight=0.5, generator=None):
+    """Forward pass and loss: plain CE, mixup (soft targets) and/or distillation."""
+    from ffcv_imagenet import losses
+
+    targets = labels
+    if mixup_alpha > 0:
+        images, targets = losses.mixup(images, labels, alpha=mixup_alpha, num_classes=num_classes,
+                                       generator=generator)
+    logits = model(images)
+    if teacher is not None:
+        with torch.no_grad():
+            teacher_logits = teacher(images)
+        return losses.distillation_loss(logits, teacher_logits, targets, temperature=distill_temperature,
+                                        weight=distill_weight, label_smoothing=label_smoothing)
+    return losses.cross_entropy(logits, targets, label_smoothing=label_smoothing)
+
+
+def train_one_epoch(model, batches, optimizer, scaler, *, epoch: int, steps_per_epoch: int,
+                    accum_steps: int, lr_fn, device, precision: str, label_smoothing=0.0,
+                    mixup_alpha=0.0, num_classes=None, teacher=None, distill_temperature=4.0,
+                    distill_weight=0.5, color_jitter=0.0, pca_lighting=0.0, generator=None,
+                    progress=False, on_first_batch=None, on_step=None) -> dict:
+    """One epoch of `steps_per_epoch` optimizer steps of `accum_steps` micro-batches each.
+
+    `batches` yields (uint8 NCHW images, int labels) on `device`; `lr_fn(epoch_float)` gives the
+    lr of each step. Returns the epoch's mean train loss and image count over all processes.
+    """
+    model.train()
+    dtype = DTYPES[precision]
+    total_micro = steps_per_epoch * accum_steps
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    images_seen = 0
+    lr = None
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True)
+    optimizer.zero_grad(set_to_none=True)
+    for micro, (images, labels) in enumerate(batches):
+        if micro >= total_micro:
+            break  # micro-batches that do not fill an optimizer step are skipped, on every rank
+        if micro == 0 and on_first_batch is not None:
+            on_first_batch()
+        step, k = divmod(micro, accum_steps)
+        if k == 0:
+            lr = lr_fn(epoch + step / steps_per_epoch)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+        x = prepare_batch(images, dtype=dtype, color_jitter=color_jitter,
+                          pca_lighting=pca_lighting, generator=generator)
+        y = labels.long()  # a copy: ffcv reuses its buffers
+        last_micro = k == accum_steps - 1
+        # DDP all-reduces gradients only on the micro-batch that completes the step.
+        sync = contextlib.nullcontext() if last_micro or not hasattr(model, "no_sync") else model.no_sync()
+        with sync:
+            with autocast_context(device, precision):
+                loss = compute_loss(model, x, y, label_smoothing=label_smoothing,
+                                    mixup_alpha=mixup_alpha, num_classes=num_classes, teacher=teacher,
+                                    distill_temperature=distill_temperature,
+                                    distill_weight=distill_weight, generator=generator)
+            scaler.scale(loss / accum_steps).backward()
+        loss_sum += loss.detach().double() * len(y)
+        images_seen += len(y)
+        if last_micro:
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            if bar is not None:
+                bar.update(1)
+                if step % 10 == 0:
+                    bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.4f}")
+            if on_step is not None:
+                on_step(step + 1)
+    if bar is not None:
+        bar.close()
+    totals = torch.tensor([loss_sum.item(), images_seen], dtype=torch.float64, device=device)
+    distributed.all_reduce_sum(totals)
+    return {"train_loss": totals[0].item() / max(1.0, totals[1].item()),
+            "images": int(totals[1].item()), "lr": lr}
+
+
+@torch.no_grad()
+def evaluate(model, batches, *, device, precision: str, lr_tta: bool = True, progress=False) -> dict:
+    """Top-1, top-5, mean loss and count over every val image of every process."""
+    model.eval()
+    dtype = DTYPES[precision]
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top-1, top-5, count
+    iterator = batches
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(batches, desc="val", leave=False, dynamic_ncols=True)
+    for images, labels in iterator:
+        x = prepare_batch(images, dtype=dtype)
+        y = labels.long()
+        with autocast_context(device, precision):
+            logits = model(x).float()
+            if lr_tta:  # average with the mirrored image
+                logits = (logits + model(torch.flip(x, dims=[3])).float()) / 2
+        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        sums += torch.stack([
+            F.cross_entropy(logits, y, reduction="sum").double(),
+            (top5[:, 0] == y).sum().double(),
+            (top5 == y[:, None]).any(dim=1).sum().double(),
+            torch.tensor(float(len(y)), dtype=torch.float64, device=device),
+        ])
+    distributed.all_reduce_sum(sums)
+    count = max(1.0, sums[3].item())
+    return {"top_1": sums[1].item() / count, "top_5": sums[2].item() / count,
+            "val_loss": sums[0].item() / count, "val_count": int(sums[3].item())}
+
+
+# --------------------------------------------------------------------------- the run
+
+def _kill_hook(epoch: int):
+    """The test hook's callback for this epoch, or None."""
+    spec = os.environ.get(KILL_ENV)
+    if not spec:
+        return None
+    kill_epoch, kill_step = (int(v) for v in spec.split(":"))
+    if kill_epoch != epoch or int(os.environ.get("RANK", 0)) != 0:
+        return None
+
+    def hook(step):
+        if step >= kill_step:
+            os.kill(os.getpid(), signal.SIGKILL)
+    return hook
+
+
+def build_model(*, arch, num_classes, model_cfg, use_blurpool, channels_last, device):
+    from ffcv_imagenet.models import create_model
+
+    model = create_model(arch, num_classes=num_classes, zero_init_residual=model_cfg["zero_init_residual"],
+                         use_blurpool=use_blurpool, resnet_d=model_cfg["resnet_d"],
+                         xavier_init=model_cfg["xavier_init"])
+    return model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def fit(cfg: dict) -> dict:
+    """Train (or, with training.eval_only, evaluate) as `cfg` says; returns the summary record."""
+    launched_at = launch_time()
+    data_cfg, lr_cfg, res_cfg, train_cfg = cfg["data"], cfg["lr"], cfg["resolution"], cfg["training"]
+    aug_cfg, val_cfg, model_cfg, log_cfg = cfg["augment"], cfg["validation"], cfg["model"], cfg["logging"]
+
+    # 1. distributed
+    dist_info = distributed.setup(train_cfg["device"])
+    try:
+        if train_cfg["eval_only"]:
+            return evaluate_checkpoint(cfg, dist_info)
+        device = dist_info.device
+        torch_threads = torch.get_num_threads()
+        precision = resolve_precision(train_cfg["precision"], device)
+        configure_determinism(train_cfg["deterministic"])
+        plan = plan_batch(batch_size_per_gpu=train_cfg["batch_size"], world_size=dist_info.world_size,
+                          global_batch_size=train_cfg["global_batch_size"], base_lr=lr_cfg["lr"],
+                          lr_scaling=lr_cfg["lr_scaling"])
+        folder = log_cfg["folder"]
+        checkpoint_path = os.path.join(folder, "checkpoint.pt")
+        logger = RunLogger(folder, enabled=dist_info.is_main)
+        if not train_cfg["resume"] and os.path.exists(os.path.join(folder, "log.jsonl")):
+            raise FileExistsError(f"{folder} already holds a run (log.jsonl); continue it with "
+                                  "--training.resume=1 or choose another --logging.folder")
+        if dist_info.is_main:
+            print(plan["message"], flush=True)
+
+        # 2. data
+        wnids = check_same_classes(data_cfg["train_dataset"], data_cfg["val_dataset"])
+        num_workers = data_cfg["num_workers"] or max(1, distributed.cpu_cores() // dist_info.local_world_size)
+        loader_args = dict(num_workers=num_workers, device=device, rank=dist_info.rank,
+                           world_size=dist_info.world_size, in_memory=data_cfg["in_memory"],
+                           torch_threads=torch_threads)
+        train_loader = create_train_loader(
+            data_cfg["train_dataset"], batch_size=train_cfg["batch_size"],
+            resolution_px=res_cfg["min_res"], order=data_cfg["order"], seed=train_cfg["seed"],
+            scale=(aug_cfg["scale_min"], aug_cfg["scale_max"]),
+            ratio=(aug_cfg["ratio_min"], aug_cfg["ratio_max"]),
+            deterministic=train_cfg["deterministic"], **loader_args)
+        val_loader = create_val_loader(data_cfg["val_dataset"], batch_size=val_cfg["batch_size"],
+                                       resolution_px=val_cfg["resolution"], **loader_args)
+        steps_per_epoch = len(train_loader) // plan["accum_steps"]
+        if steps_per_epoch == 0:
+            raise ValueError(
+                f"{data_cfg['train_dataset']}: {len(train_loader)} batches per process per epoch is fewer "
+                f"than the {plan['accum_steps']} micro-batches of one optimizer step (global batch "
+                f"{plan['global_batch_size']}); lower training.global_batch_size or use more data")
+
+        # 3. model
+        torch.manual_seed(train_cfg["seed"])
+        model = build_model(arch=model_cfg["arch"], num_classes=len(wnids), model_cfg=model_cfg,
+                            use_blurpool=train_cfg["use_blurpool"],
+                            channels_last=train_cfg["channels_last"], device=device)
+        raw_model = model
+        if dist_info.is_distributed:
+            if train_cfg["sync_bn"]:
+                model = raw_model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            model = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None)
+        if train_cfg["compile"]:
+            model = torch.compile(model)
+        teacher = None
+        if train_cfg["distill_arch"]:
+            from ffcv_imagenet.losses import create_teacher
+
+            teacher = create_teacher(train_cfg["distill_arch"], train_cfg["distill_checkpoint"],
+                                     len(wnids), device)
+            if train_cfg["channels_last"]:
+                teacher = teacher.to(memory_format=torch.channels_last)
+
+        # 4. optimizer
+        from ffcv_imagenet.optim import create_optimizer
+
+        optimizer = create_optimizer(raw_model, name=train_cfg["optimizer"], lr=plan["peak_lr"],
+                                     momentum=train_cfg["momentum"], nesterov=train_cfg["nesterov"],
+                                     weight_decay=train_cfg["weight_decay"])
+        scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+        # 5. resume
+        state = {"epoch": 0, "step": 0, "elapsed_s": 0.0, "train_s": 0.0, "total_images": 0,
+                 "startup_s": None}
+        resumed_from = None
+        if train_cfg["resume"]:
+            if os.path.exists(checkpoint_path):
+                checkpoint = ckpt_io.load_checkpoint(checkpoint_path)
+                raw_model.load_state_dict(checkpoint["model"])
+                optimizer.load_state_dict(checkpoint["optimizer"])
+                if checkpoint.get("scaler"):
+                    scaler.load_state_dict(checkpoint["scaler"])
+                ckpt_io.set_rng_state(checkpoint["rng"])
+                state = {k: checkpoint[k] for k in state}
+                resumed_from = state["epoch"]
+                if dist_info.is_main:
+                    print(f"resuming {folder} after epoch {resumed_from} (step {state['step']})", flush=True)
+            elif dist_info.is_main:
+                print(f"no checkpoint in {folder}; starting from scratch", flush=True)
+            logger.keep_epochs_before(state["epoch"])
+
+        derived = {"world_size": dist_info.world_size, "global_batch_size": plan["global_batch_size"],
+                   "requested_global_batch_size": plan["requested_global_batch_size"],
+                   "batch_size_per_gpu": train_cfg["batch_size"], "accum_steps": plan["accum_steps"],
+                   "peak_lr": plan["peak_lr"], "precision": precision, "device": str(device),
+                   "num_classes": len(wnids), "steps_per_epoch": steps_per_epoch,
+                   "train_samples": train_loader.num_samples, "num_workers": num_workers,
+                   "torch_threads": torch_threads}
+        logger.write_json("params.json", {**{k: v for k, v in cfg.items() if k != "meta"},
+                                          "config_file": cfg.get("meta", {}).get("config_file"),
+                                          "argv": cfg.get("meta", {}).get("argv"), "derived": derived})
+        logger.write_json("env.json", environment(dist_info.world_size))
+
+        # 6. loop
+        session = {"first_step_at": None}
+
+        def on_first_batch():
+            if session["first_step_at"] is not None:
+                return
+            session["first_step_at"] = time.time()
+            startup_s = session["first_step_at"] - launched_at
+            if state["startup_s"] is None:
+                state["startup_s"] = startup_s  # the first launch's start-up is the one that counts
+            logger.log({"type": "start", "startup_s": startup_s, "world_size": dist_info.world_size,
+                        "global_batch_size": plan["global_batch_size"],
+                        "batch_size_per_gpu": train_cfg["batch_size"],
+                        "accum_steps": plan["accum_steps"], "peak_lr": plan["peak_lr"],
+                        "precision": precision, "device": str(device),
+                        "resumed_from_epoch": resumed_from})
+
+        def lr_fn(epoch_float):
+            return lr_at(epoch_float, schedule=lr_cfg["lr_schedule_type"], peak_lr=plan["peak_lr"],
+                         epochs=train_cfg["epochs"], warmup_epochs=lr_cfg["warmup_epochs"],
+                         lr_peak_epoch=lr_cfg["lr_peak_epoch"], step_ratio=lr_cfg["step_ratio"],
+                         step_length=lr_cfg["step_length"], milestones=tuple(lr_cfg["milestones"]),
+                         end_lr_ratio=lr_cfg["end_lr_ratio"])
+
+        val = None
+        elapsed_before = state["elapsed_s"]
+        epochs = train_cfg["epochs"]
+        progress = log_cfg["progress"] and dist_info.is_main
+        for epoch in range(state["epoch"], epochs):
+            resolution = resolution_at(epoch, min_res=res_cfg["min_res"], max_res=res_cfg["max_res"],
+                                       start_ramp=res_cfg["start_ramp"], end_ramp=res_cfg["end_ramp"])
+            train_loader.set_resolution(resolution)
+            train_loader.set_epoch(epoch)
+            generator = seed_epoch(train_cfg["seed"], epoch, dist_info.rank, device)
+            epoch_start = time.time()
+            stats = train_one_epoch(
+                model, train_loader, optimizer, scaler, epoch=epoch, steps_per_epoch=steps_per_epoch,
+                accum_steps=plan["accum_steps"], lr_fn=lr_fn, device=device, precision=precision,
+                label_smoothing=train_cfg["label_smoothing"], mixup_alpha=train_cfg["mixup_alpha"],
+                num_classes=len(wnids), teacher=teacher,
+                distill_temperature=train_cfg["distill_temperature"],
+                distill_weight=train_cfg["distill_weight"], color_jitter=aug_cfg["color_jitter"],
+                pca_lighting=aug_cfg["pca_lighting"], generator=generator, progress=progress,
+                on_first_batch=on_first_batch, on_step=_kill_hook(epoch))
+            train_s = time.time() - epoch_start
+            last = epoch == epochs - 1
+            val = None
+            if last or (epoch + 1) % val_cfg["every_n_epochs"] == 0:
+                val = evaluate(model, val_loader, device=device, precision=precision,
+                               lr_tta=val_cfg["lr_tta"], progress=progress)
+            now = time.time()
+            state["epoch"] = epoch + 1
+            state["step"] += steps_per_epoch
+            state["train_s"] += train_s
+            state["total_images"] += stats["images"]
+            # wall-clock since the first training step, summed over (re)starts; the replayed part
+            # of an epoch cut short by a kill is not counted
+            state["elapsed_s"] = elapsed_before + (now - session["first_step_at"])
+            record = {"type": "epoch", "epoch": epoch, "lr": stats["lr"], "resolution": resolution,
+                      "train_loss": stats["train_loss"],
+                      "train_images_per_s": stats["images"] / max(train_s, 1e-9),
+                      **(val or {"top_1": None, "top_5": None, "val_loss": None, "val_count": None}),
+                      "epoch_s": now - epoch_start, "elapsed_s": state["elapsed_s"]}
+            logger.log(record)
+            if dist_info.is_main:
+                print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                               for k, v in record.items() if k != "type"), flush=True)
+                # 7. save (rank 0 only; the other ranks hold the same weights)
+                ckpt_io.save_checkpoint(checkpoint_path, {
+                    "model": ckpt_io.model_state(model), "optimizer": optimizer.state_dict(),
+                    "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+                    **state, "rng": ckpt_io.rng_state(), "config": cfg, "derived": derived,
+                    "arch": model_cfg["arch"], "num_classes": len(wnids), "wnids": wnids})
+            distributed.barrier()
+
+        if val is None and state["epoch"] >= epochs:  # resumed a finished run: evaluate once
+            val = evaluate(model, val_loader, device=device, precision=precision,
+                           lr_tta=val_cfg["lr_tta"], progress=progress)
+        summary = {"type": "summary", "epochs": epochs, "top_1": val["top_1"], "top_5": val["top_5"],
+                   "elapsed_s": state["elapsed_s"], "startup_s": state["startup_s"],
+                   "total_images": state["total_images"],
+                   "mean_images_per_s": state["total_images"] / max(state["train_s"], 1e-9),
+                   "preset": cfg.get("meta", {}).get("config_file")}
+        logger.log(summary)
+        return summary
+    finally:
+        distributed.cleanup()
+
+
+def evaluate_checkpoint(cfg: dict, dist_info) -> dict:
+    """--training.eval_only=1: evaluate training.checkpoint on data.val_dataset."""
+    train_cfg, val_cfg, data_cfg = cfg["training"], cfg["validation"], cfg["data"]
+    device = dist_info.device
+    precision = resolve_precision(train_cfg["precision"], device)
+    checkpoint = ckpt_io.load_checkpoint(train_cfg["checkpoint"])
+    val_wnids = read_metadata(data_cfg["val_dataset"])["wnids"]
+    if checkpoint.get("wnids") is not None and checkpoint["wnids"] != val_wnids:
+        raise ValueError(f"class list of {data_cfg['val_dataset']} differs from the one "
+                         f"{train_cfg['checkpoint']} was trained on")
+    saved = checkpoint.get("config", cfg)
+    model = build_model(arch=checkpoint.get("arch", saved["model"]["arch"]),
+                        num_classes=checkpoint.get("num_classes", len(val_wnids)),
+                        model_cfg=saved["model"], use_blurpool=saved["training"]["use_blurpool"],
+                        channels_last=train_cfg["channels_last"], device=device)
+    model.load_state_dict(checkpoint["model"])
+    num_workers = data_cfg["num_workers"] or max(1, distributed.cpu_cores() // dist_info.local_world_size)
+    val_loader = create_val_loader(data_cfg["val_dataset"], batch_size=val_cfg["batch_size"],
+                                   resolution_px=val_cfg["resolution"], num_workers=num_workers,
+                                   device=device, rank=dist_info.rank, world_size=dist_info.world_size,
+                                   in_memory=data_cfg["in_memory"], torch_threads=torch.get_num_threads())
+    result = evaluate(model, val_loader, device=device, precision=precision, lr_tta=val_cfg["lr_tta"],
+                      progress=cfg["logging"]["progress"] and dist_info.is_main)
+    result = {"type": "eval", "checkpoint": train_cfg["checkpoint"], "epoch": checkpoint.get("epoch"),
+              **result}
+    if dist_info.is_main:
+        import json
+
+        print(json.dumps(result), flush=True)
+    return result
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        cfg = load_config(argv)
+    except ValueError as e:  # ConfigError: the message names the key or file at fault
+        print(f"ffcv-imagenet train: {e}", file=sys.stderr)
+        return 2
+    fit(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""Model factory: zero-init residual, ResNet-D, BlurPool, Xavier, unknown-arch message."""
+
+import pytest
+import torch
+from torchvision.models.resnet import BasicBlock, Bottleneck
+
+from ffcv_imagenet.models import (BlurConv2d, BlurPool2d, apply_blurpool, count_parameters,
+                                  create_model)
+
+
+def blocks(model):
+    return [m for m in model.modules() if isinstance(m, (BasicBlock, Bottleneck))]
+
+
+def last_bn(block):
+    return block.bn3 if isinstance(block, Bottleneck) else block.bn2
+
+
+@pytest.mark.parametrize("arch, resnet_d", [("resnet18", False), ("resnet50", False),
+                                            ("resnet50", True)])
+def test_zero_init_residual(arch, resnet_d):
+    torch.manual_seed(0)
+    model = create_model(arch, num_classes=10, resnet_d=resnet_d)
+    assert blocks(model), "no residual blocks found"
+    for block in blocks(model):
+        assert torch.count_nonzero(last_bn(block).weight) == 0
+    # A fresh model's residual branches output 0: every block is relu(shortcut(x)).
+    model.train()
+    with torch.no_grad():
+        x = torch.randn(2, 3, 32, 32)
+        x = model.maxpool(model.relu(model.bn1(model.conv1(x))))
+        for layer in (model.layer1, model.layer2, model.layer3, model.layer4):
+            for block in layer:
+                shortcut = block.downsample(x) if block.downsample is not None else x
+                out = block(x)
+                torch.testing.assert_close(out, torch.relu(shortcut))
+                x = out
+
+
+def test_zero_init_can_be_disabled():
+    model = create_model("resnet18", num_classes=10, zero_init_residual=False)
+    assert all(torch.all(last_bn(b).weight == 1) for b in blocks(model))
+
+
+def test_resnet_d_structure_and_forward():
+    torch.manual_seed(0)
+    model = create_model("resnet50", num_classes=7, resnet_d=True)
+    stem_convs = [m for m in model.conv1.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels, c.kernel_size, c.stride) for c in stem_convs] == [
+        (3, 32, (3, 3), (2, 2)), (32, 32, (3, 3), (1, 1)), (32, 64, (3, 3), (1, 1))]
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.conv1.modules()) == 2  # + bn1
+    downsamples = [b.downsample for b in blocks(model) if b.downsample is not None]
+    assert len(downsamples) == 4
+    for ds in downsamples:
+        kinds = [type(m) for m in ds]
+        conv = ds[-2]
+        assert kinds[-2:] == [torch.nn.Conv2d, torch.nn.BatchNorm2d]
+        assert conv.kernel_size == (1, 1) and conv.stride == (1, 1)
+    strided = [ds for ds in downsamples if isinstance(ds[0], torch.nn.AvgPool2d)]
+    assert len(strided) == 3  # layer1's shortcut only changes channels
+    for ds in strided:
+        pool = ds[0]
+        assert pool.kernel_size == 2 and pool.stride == 2
+        assert pool.ceil_mode and not pool.count_include_pad
+    model.eval()
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 64, 64)).shape == (2, 7)
+        assert model(torch.randn(1, 3, 33, 33)).shape == (1, 7)  # odd sizes: ceil_mode
+
+
+def test_resnet_d_refuses_non_resnets():
+    with pytest.raises(ValueError, match="ResNet"):
+        create_model("mobilenet_v2", num_classes=10, resnet_d=True)
+
+
+def test_blurpool_placement_and_forward():
+    torch.manual_seed(0)
+    model = create_model("resnet50", num_classes=10, use_blurpool=True)
+    wrapped = [m for m in model.modules() if isinstance(m, BlurConv2d)]
+    # resnet50 (v1.5): 3 strided 3x3 convs + 3 strided downsample convs; the 3-channel stem is not.
+    assert len(wrapped) == 6
+    assert isinstance(model.conv1, torch.nn.Conv2d)
+    for m in wrapped:
+        assert max(m.conv.stride) == 2 and m.blur.channels == m.conv.in_channels
+    # the blur filter is a constant: not a parameter and not in the state dict
+    assert not any("blur" in k for k in model.state_dict())
+    assert any(k.endswith("conv2.conv.weight") for k in model.state_dict())
+    model.eval()
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 64, 64)).shape == (2, 10)
+
+
+def test_blurpool_with_resnet_d_skips_stride1_shortcuts():
+    model = create_model("resnet18", num_classes=10, use_blurpool=True, resnet_d=True)
+    wrapped = [m for m in model.modules() if isinstance(m, BlurConv2d)]
+    assert len(wrapped) == 3  # only the strided 3x3 convs of layers 2-4
+
+
+def test_blurpool_blurs():
+    blur = BlurPool2d(4)
+    const = torch.full((1, 4, 8, 8), 3.0)
+    out = blur(const)
+    assert out.shape == const.shape
+    torch.testing.assert_close(out[..., 1:-1, 1:-1], const[..., 1:-1, 1:-1])  # interior unchanged
+    torch.testing.assert_close(BlurPool2d(4, padding_mode="reflect")(const), const)
+    # a single bright pixel spreads as [1,2,1]x[1,2,1]/16
+    impulse = torch.zeros(1, 4, 5, 5)
+    impulse[:, :, 2, 2] = 16.0
+    expected = torch.tensor([[1.0, 2, 1], [2, 4, 2], [1, 2, 1]])
+    torch.testing.assert_close(blur(impulse)[0, 0, 1:4, 1:4], expected)
+    assert blur(impulse).sum() == pytest.approx(64.0)
+
+
+def test_blurpool_channels_last_matches_contiguous():
+    torch.manual_seed(0)
+    model = create_model("resnet18", num_classes=5, use_blurpool=True).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ref = model(x)
+        model_cl = model.to(memory_format=torch.channels_last)
+        out = model_cl(x.to(memory_format=torch.channels_last))
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_apply_blurpool_is_idempotent():
+    model = create_model("resnet18", num_classes=5, use_blurpool=True)
+    apply_blurpool(model)
+    assert sum(isinstance(m, BlurConv2d) for m in model.modules()) == 6  # 3 convs + 3 shortcuts
+    assert not any(isinstance(m.conv, BlurConv2d) for m in model.modules()
+                   if isinstance(m, BlurConv2d))
+
+
+def test_xavier_init():
+    torch.manual_seed(0)
+    model = create_model("resnet18", num_classes=10, xavier_init=True)
+    conv = model.layer1[0].conv1  # 64 -> 64, 3x3: bound = sqrt(6 / (576 + 576))
+    bound = (6.0 / (64 * 9 + 64 * 9)) ** 0.5
+    assert conv.weight.abs().max() <= bound
+    assert conv.weight.std().item() == pytest.approx(bound / 3 ** 0.5, rel=0.05)
+    fc_bound = (6.0 / (512 + 10)) ** 0.5
+    assert model.fc.weight.abs().max() <= fc_bound
+    assert torch.count_nonzero(model.fc.bias) == 0
+    # zero-init residual still applied after Xavier
+    assert all(torch.count_nonzero(last_bn(b).weight) == 0 for b in blocks(model))
+
+
+def test_unknown_arch_message_names_it_and_close_matches():
+    with pytest.raises(ValueError) as info:
+        create_model("resnet5O")
+    message = str(info.value)
+    assert "'resnet5O'" in message and "resnet50" in message
+
+
+def test_other_torchvision_arch_and_parameter_count():
+    model = create_model("mobilenet_v3_small", num_classes=10)
+    with torch.no_grad():
+        assert model.eval()(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+    assert count_parameters(create_model("resnet50")) == 25_557_032  # torchvision's figure
