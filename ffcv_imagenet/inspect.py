@@ -1,4 +1,4 @@
-"""`ffcv-imagenet inspect FILE.beton [--verify]`: what is in a .beton, and whether all of it decodes.
+"""`ffcv-imagenet inspect FILE.beton [--verify]`: what is in a .beton, and whether it all decodes.
 
 Reads the file with ffcv's `Reader` (header, fields, per-sample metadata, allocation table) and
 reports fields, sample count, label histogram, image sizes, raw vs JPEG storage and the metadata
@@ -17,6 +17,19 @@ from pathlib import Path
 import numpy as np
 
 JPEG_MODE, RAW_MODE = 0, 1  # ffcv's IMAGE_MODES
+CURRENT_FORMAT = 2  # ffcv.types.CURRENT_VERSION, the header version ffcv 1.0 writes
+
+
+def _check_not_truncated(path):
+    """ValueError when the header points past the end of the file (a copy cut short)."""
+    from ffcv.types import HeaderType
+
+    file_bytes = os.path.getsize(path)
+    header = np.fromfile(path, dtype=HeaderType, count=1)
+    if len(header) and header[0]["version"] == CURRENT_FORMAT and \
+            int(header[0]["alloc_table_ptr"]) >= file_bytes:
+        raise ValueError(f"{path}: truncated .beton: {file_bytes} bytes, but the header puts the "
+                         f"allocation table at byte {int(header[0]['alloc_table_ptr'])}")
 
 
 class BetonFile:
@@ -26,8 +39,15 @@ class BetonFile:
         from ffcv.reader import Reader
 
         self.path = str(path)
-        self.reader = Reader(self.path)
+        try:
+            self.reader = Reader(self.path)
+        except Exception as e:  # ffcv fails with IndexError, AssertionError, ValueError...
+            _check_not_truncated(self.path)
+            raise ValueError(f"{self.path}: not a readable .beton file "
+                             f"({type(e).__name__}: {e})") from None
         self.num_samples = int(self.reader.num_samples)
+        if len(self.reader.metadata) != self.num_samples:
+            _check_not_truncated(self.path)
         columns = self.reader.metadata.dtype.names
         self.columns = dict(zip(self.reader.field_names, columns))
         table = self.reader.alloc_table
@@ -93,10 +113,22 @@ def verify_images(path, num_samples, num_workers=None, chunk=2000) -> list:
         return [f for part in pool.starmap(_verify_range, ranges) for f in part]
 
 
+def longer_side_histogram(heights, widths) -> dict:
+    """Images per power-of-two bucket of the longer side: {"<=32": n, "<=64": n, ...}, non-empty
+    buckets only, in increasing order."""
+    longer = np.maximum(np.asarray(heights, dtype=np.int64), np.asarray(widths, dtype=np.int64))
+    if len(longer) == 0:
+        return {}
+    bucket_px = 1 << np.ceil(np.log2(np.maximum(longer, 1))).astype(np.int64)
+    sizes, counts = np.unique(bucket_px, return_counts=True)
+    return {f"<={int(size)}": int(count) for size, count in zip(sizes, counts)}
+
+
 def _quartiles(values) -> dict:
     if len(values) == 0:
         return {"min": None, "median": None, "max": None}
-    return {"min": int(np.min(values)), "median": float(np.median(values)), "max": int(np.max(values))}
+    return {"min": int(np.min(values)), "median": float(np.median(values)),
+            "max": int(np.max(values))}
 
 
 def inspect_beton(path, verify=False, num_workers=None) -> dict:
@@ -136,11 +168,13 @@ def inspect_beton(path, verify=False, num_workers=None) -> dict:
         bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
         if meta is not None and len(bad):
             problems.append(f"{len(bad)} labels outside 0..{num_classes - 1} (the metadata's "
-                            f"{num_classes} classes), e.g. sample {bad[0]} has label {labels[bad[0]]}")
+                            f"{num_classes} classes), e.g. sample {bad[0]} has label "
+                            f"{labels[bad[0]]}")
     if "image" in beton.columns:
         images = beton.column("image")
         report["image_height_px"] = _quartiles(images["height"])
         report["image_width_px"] = _quartiles(images["width"])
+        report["longer_side_px"] = longer_side_histogram(images["height"], images["width"])
         report["raw"] = int(np.sum(images["mode"] == RAW_MODE))
         report["jpeg"] = int(np.sum(images["mode"] == JPEG_MODE))
         if verify:
@@ -159,36 +193,45 @@ def format_report(r: dict) -> str:
              f"samples   {r['samples']}"]
     if "labels" in r:
         lab = r["labels"]
-        of = f" of {lab['classes_in_metadata']} in the metadata" if lab["classes_in_metadata"] is not None else ""
+        of = "" if lab["classes_in_metadata"] is None else \
+            f" of {lab['classes_in_metadata']} in the metadata"
         lines.append(f"labels    {lab['classes_present']} classes present{of}; per class min "
                      f"{lab['min_per_class']}, max {lab['max_per_class']}")
     if "image_height_px" in r:
         h, w = r["image_height_px"], r["image_width_px"]
         lines.append(f"height px min {h['min']}, median {h['median']}, max {h['max']}")
         lines.append(f"width px  min {w['min']}, median {w['median']}, max {w['max']}")
+        buckets = ", ".join(f"{k}: {v}" for k, v in r["longer_side_px"].items())
+        lines.append(f"longer side px, images: {buckets}")
         lines.append(f"storage   raw {r['raw']}, JPEG {r['jpeg']}")
     if "verify" in r:
         v = r["verify"]
-        lines.append(f"verify    {v['decoded']} of {r['samples']} images decode, {len(v['failed'])} fail")
+        lines.append(f"verify    {v['decoded']} of {r['samples']} images decode, "
+                     f"{len(v['failed'])} fail")
         lines += [f"          sample {f['sample']}: {f['error']}" for f in v["failed"][:20]]
     lines.append(f"metadata  {r['metadata_path']}")
     if r["metadata"] is not None:
         shown = dict(r["metadata"])
         wnids = shown.pop("wnids")
-        lines.append(f"          wnids ({len(wnids)}): {', '.join(wnids[:10])}{' ...' if len(wnids) > 10 else ''}")
+        more = " ..." if len(wnids) > 10 else ""
+        lines.append(f"          wnids ({len(wnids)}): {', '.join(wnids[:10])}{more}")
         lines += ["          " + line for line in json.dumps(shown, indent=1).splitlines()]
     if r["problems"]:
         lines += [f"PROBLEM   {p}" for p in r["problems"]]
     else:
-        lines.append("ok" + (" (every sample decodes, every label is in range)" if "verify" in r else ""))
+        verified = " (every sample decodes, every label is in range)" if "verify" in r else ""
+        lines.append("ok" + verified)
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="ffcv-imagenet inspect", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="ffcv-imagenet inspect",
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("path", help="the .beton file")
-    parser.add_argument("--verify", action="store_true", help="decode every image and check every label")
-    parser.add_argument("--num-workers", type=int, default=None, help="processes for --verify (default: all cores)")
+    parser.add_argument("--verify", action="store_true",
+                        help="decode every image and check every label")
+    parser.add_argument("--num-workers", type=int, default=None,
+                        help="processes for --verify (default: all cores)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:

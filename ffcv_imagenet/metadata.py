@@ -46,22 +46,32 @@ def read_metadata(beton_path) -> dict:
     return meta
 
 
+def _listing(names: list, limit: int = 10) -> str:
+    return ", ".join(names[:limit]) + (" ..." if len(names) > limit else "")
+
+
 def check_same_classes(train_path, val_path) -> list:
-    """Return the shared ordered wnid list of a train/val pair, or raise ValueError saying how they differ."""
+    """Return the ordered wnid list a train/val pair shares; ValueError says how they differ."""
     train_wnids = read_metadata(train_path)["wnids"]
     val_wnids = read_metadata(val_path)["wnids"]
     if train_wnids == val_wnids:
         return train_wnids
     only_train = sorted(set(train_wnids) - set(val_wnids))
     only_val = sorted(set(val_wnids) - set(train_wnids))
-    parts = [f"class lists differ between {train_path} ({len(train_wnids)} classes) and {val_path} ({len(val_wnids)} classes)"]
+    parts = [f"class lists differ between {train_path} ({len(train_wnids)} classes) and "
+             f"{val_path} ({len(val_wnids)} classes)"]
     if only_train:
-        parts.append(f"only in train: {', '.join(only_train[:10])}{' ...' if len(only_train) > 10 else ''}")
+        parts.append(f"only in train: {_listing(only_train)}")
     if only_val:
-        parts.append(f"only in val: {', '.join(only_val[:10])}{' ...' if len(only_val) > 10 else ''}")
+        parts.append(f"only in val: {_listing(only_val)}")
     if not only_train and not only_val:
-        first = next(i for i, (a, b) in enumerate(zip(train_wnids, val_wnids)) if a != b)
-        parts.append(f"same classes in a different order (first difference at label {first}: "
-                     f"{train_wnids[first]} vs {val_wnids[first]})")
-    parts.append("labels would not mean the same class in both files; rewrite one with --cfg.classes")
+        shorter = min(len(train_wnids), len(val_wnids))
+        first = next((i for i in range(shorter) if train_wnids[i] != val_wnids[i]), shorter)
+        if first < shorter:
+            parts.append(f"same classes in a different order (first difference at label {first}: "
+                         f"{train_wnids[first]} vs {val_wnids[first]})")
+        else:  # only a repeated wnid can make equal sets differ in length
+            parts.append(f"same classes, but one list repeats some (from label {first} on)")
+    parts.append("labels would not mean the same class in both files; rewrite one with "
+                 "--cfg.classes")
     raise ValueError("; ".join(parts))

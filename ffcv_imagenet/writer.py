@@ -23,8 +23,9 @@ Inputs, told apart by what is at `data_dir`:
 Labels: the position of the image's class in the class list. The class list is `classes` when
 given (a file of wnids one a line, first token per line, `#` comments allowed, e.g.
 `LOC_synset_mapping.txt`; or a `.beton`/`.meta.json` written by this tool, whose wnids are reused),
-otherwise the sorted class names found in the input (folder names, inner tar names, or the
-wnids of the labels file). Input classes missing from the list are an error that names them.
+otherwise the sorted class names found in the input (folder names, an empty class folder
+included; inner tar names; or the wnids of the labels file). Input classes missing from the list
+are an error that names them.
 
 `subset=N` keeps the first N images of every class by sorted file name: balanced, deterministic.
 
@@ -61,6 +62,7 @@ import shutil
 import signal
 import sys
 import tarfile
+import textwrap
 import time
 import traceback
 import warnings
@@ -128,7 +130,7 @@ class Option:
             elif self.kind is int:
                 if isinstance(value, float) and not value.is_integer():
                     raise ValueError
-                result = int(str(value).strip()) if not isinstance(value, (int, float)) else int(value)
+                result = int(value) if isinstance(value, (int, float)) else int(str(value).strip())
             elif self.kind is float:
                 result = float(value)
             else:
@@ -150,8 +152,14 @@ OPTIONS = {
                        "holding ILSVRC2012_img_<split>.tar)", required=True),
     "write_path": Option(str, None, "output .beton path (metadata goes to <path>.meta.json)",
                          required=True),
-    "max_resolution": Option(int, 500, "longer image side in px after downscaling", low=1, high=65535),
-    "write_mode": Option(str, "jpg", "how images are stored", choices=WRITE_MODES),
+    # 16384 px: a raw 16384^2 RGB image needs a 1 GiB page; the header stores the page size in
+    # 32 bits, so much larger values cannot be written.
+    "max_resolution": Option(int, 500, "longer image side in px after downscaling",
+                             low=1, high=16384),
+    "write_mode": Option(str, "jpg", "how images are stored: raw (no JPEG), jpg (all JPEG), smart "
+                         "(JPEG when H*W*3 > smart_threshold), proportion (exactly "
+                         "round(compress_probability * N) JPEG, chosen by a seeded shuffle)",
+                         choices=WRITE_MODES),
     "compress_probability": Option(float, 0.5, "proportion mode: fraction stored as JPEG",
                                    low=0.0, high=1.0),
     "jpeg_quality": Option(int, 90, "JPEG quality of re-encoded images", low=1, high=100),
@@ -164,8 +172,8 @@ OPTIONS = {
                          "'<filename> <index|wnid>' lines"),
     "classes": Option(str, "", "file of wnids, one a line, pinning the class set and order "
                       "(or a .beton/.meta.json written by this tool)"),
-    "overwrite": Option(bool, False, "replace an existing destination (0|1)"),
-    "skip_bad": Option(bool, False, "skip undecodable images and list them in the summary (0|1)"),
+    "overwrite": Option(bool, False, "replace an existing destination"),
+    "skip_bad": Option(bool, False, "skip undecodable images and list them in the summary"),
 }
 
 
@@ -185,8 +193,8 @@ def check_options(values: dict) -> dict:
         except ValueError as e:
             errors.append(str(e))
     if not errors and resolved["write_mode"] == "smart" and resolved["smart_threshold"] is None:
-        errors.append("cfg.write_mode=smart needs cfg.smart_threshold (raw RGB bytes above which an "
-                      "image is stored as JPEG, e.g. 270000 = 300x300x3)")
+        errors.append("cfg.write_mode=smart needs cfg.smart_threshold (raw RGB bytes above which "
+                      "an image is stored as JPEG, e.g. 270000 = 300x300x3)")
     if not errors and resolved["subset"] == 0:
         errors.append("cfg.subset=0: expected -1 (all images) or a number of images per class >= 1")
     if errors:
@@ -245,10 +253,12 @@ def read_class_file(path) -> list:
     from ffcv_imagenet.metadata import SUFFIX, read_metadata
 
     path = str(path)
-    if path.endswith(SUFFIX):
-        return list(read_metadata(path[: -len(SUFFIX)])["wnids"])
-    if path.endswith(".beton"):
-        return list(read_metadata(path)["wnids"])
+    if path.endswith((SUFFIX, ".beton")):
+        beton = path[: -len(SUFFIX)] if path.endswith(SUFFIX) else path
+        try:
+            return list(read_metadata(beton)["wnids"])
+        except (FileNotFoundError, ValueError) as e:
+            raise WriterError(f"cfg.classes={path}: {e}") from None
     if not os.path.isfile(path):
         raise WriterError(f"cfg.classes={path}: file not found")
     wnids = []
@@ -270,7 +280,7 @@ def read_val_labels(path) -> tuple:
     path = str(path)
     if not os.path.isfile(path):
         raise WriterError(f"cfg.val_labels={path}: file not found")
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a BOM from Excel
         first = f.readline()
         f.seek(0)
         if first.replace(" ", "").lower().startswith("imageid,predictionstring"):
@@ -278,8 +288,8 @@ def read_val_labels(path) -> tuple:
             for row_number, row in enumerate(csv.DictReader(f), start=2):
                 tokens = (row.get("PredictionString") or "").split()
                 if not row.get("ImageId") or not tokens:
-                    raise WriterError(f"{path} line {row_number}: expected ImageId,PredictionString "
-                                      f"with a wnid first, got {row}")
+                    raise WriterError(f"{path} line {row_number}: expected "
+                                      f"ImageId,PredictionString with a wnid first, got {row}")
                 mapping[_stem(row["ImageId"])] = tokens[0]
             return mapping, "wnid"
         mapping, kinds = {}, set()
@@ -335,8 +345,8 @@ def _labels_for(stems: list, labels_path, classes_file, what: str) -> tuple:
         wnids = read_class_file(classes_file)
         out_of_range = sorted({mapping[s] for s in stems if mapping[s] >= len(wnids)})
         if out_of_range:
-            raise WriterError(f"{labels_path}: class indices {out_of_range[:10]} are out of range for "
-                              f"the {len(wnids)} classes of {classes_file}")
+            raise WriterError(f"{labels_path}: class indices {out_of_range[:10]} are out of range "
+                              f"for the {len(wnids)} classes of {classes_file}")
         return np.array([mapping[s] for s in stems], dtype=np.int64), wnids
     wnids = _class_list(set(mapping.values()), classes_file, f"cfg.val_labels={labels_path}")
     position = {w: i for i, w in enumerate(wnids)}
@@ -359,6 +369,8 @@ def _make_index(root, names, offsets, sizes, labels, wnids, source) -> ImageInde
 
 
 def _index_image_folder(root: Path, class_dirs: list, classes_file) -> ImageIndex:
+    """Every class folder is a class, also an empty one: dropping it would shift the labels of
+    all later classes relative to a split that has images of it."""
     files_by_class = {}
     for d in class_dirs:
         found = []
@@ -366,8 +378,9 @@ def _index_image_folder(root: Path, class_dirs: list, classes_file) -> ImageInde
             dirnames[:] = sorted(n for n in dirnames if not n.startswith("."))
             found += [os.path.relpath(os.path.join(dirpath, n), root)
                       for n in filenames if is_image_name(n) and not n.startswith(".")]
-        if found:
-            files_by_class[d] = found
+        files_by_class[d] = found
+    if not any(files_by_class.values()):
+        return _make_index(root, [], [], [], [], [], {"kind": "image_folder", "path": str(root)})
     wnids = _class_list(set(files_by_class), classes_file, f"class folders of {root}")
     position = {w: i for i, w in enumerate(wnids)}
     names, labels = [], []
@@ -376,7 +389,7 @@ def _index_image_folder(root: Path, class_dirs: list, classes_file) -> ImageInde
         labels += [position[d]] * len(found)
     index = _make_index(root, names, [0] * len(names), [-1] * len(names), labels, wnids,
                         {"kind": "image_folder", "path": str(root)})
-    empty = [w for w in wnids if w not in files_by_class]
+    empty = [w for w in wnids if not files_by_class.get(w)]
     if empty:
         index.notes.append(f"{len(empty)} classes have no images: {', '.join(empty[:10])}")
     return index
@@ -416,7 +429,8 @@ def _scan_tar(tar_path: Path, progress: bool):
                                 member.offset_data + item.offset_data, item.size
             elif is_image_name(member.name):
                 parent = os.path.dirname(member.name.rstrip("/"))
-                yield (os.path.basename(parent) or None), member.name, member.offset_data, member.size
+                folder = os.path.basename(parent) or None
+                yield folder, member.name, member.offset_data, member.size
 
 
 def _index_tar(tar_path: Path, val_labels, classes_file, progress: bool) -> ImageIndex:
@@ -429,19 +443,21 @@ def _index_tar(tar_path: Path, val_labels, classes_file, progress: bool) -> Imag
     nested = any("/" in n and n.split("/", 1)[0].lower().endswith(".tar") for n in names)
     source = {"kind": "class_tars" if nested else "image_tar", "path": str(tar_path)}
     if val_labels and not nested:
-        labels, wnids = _labels_for([_stem(n) for n in names], val_labels, classes_file, str(tar_path))
+        stems = [_stem(n) for n in names]
+        labels, wnids = _labels_for(stems, val_labels, classes_file, str(tar_path))
         source["val_labels"] = str(val_labels)
         return _make_index(tar_path, names, offsets, sizes, list(labels), wnids, source)
     if val_labels:
-        raise WriterError(f"cfg.val_labels={val_labels} given, but {tar_path} is a tar of per-class "
-                          "tars whose names are the labels; drop cfg.val_labels")
+        raise WriterError(f"cfg.val_labels={val_labels} given, but {tar_path} is a tar of "
+                          "per-class tars whose names are the labels; drop cfg.val_labels")
     classes = [e[0] for e in entries]
     if any(c is None for c in classes):
         raise WriterError(f"{tar_path} holds images with no class folder or class tar: a flat "
                           "(val) archive needs cfg.val_labels")
     wnids = _class_list(set(classes), classes_file, f"classes of {tar_path}")
     position = {w: i for i, w in enumerate(wnids)}
-    return _make_index(tar_path, names, offsets, sizes, [position[c] for c in classes], wnids, source)
+    labels = [position[c] for c in classes]
+    return _make_index(tar_path, names, offsets, sizes, labels, wnids, source)
 
 
 def index_input(data_dir, split: str, val_labels=None, classes=None, progress=False) -> ImageIndex:
@@ -453,7 +469,8 @@ def index_input(data_dir, split: str, val_labels=None, classes=None, progress=Fa
         if not tarfile.is_tarfile(path):
             raise WriterError(f"cfg.data_dir={data_dir}: a file, but not a tar archive")
         return _index_tar(path, val_labels, classes, progress)
-    entries = sorted((e for e in os.scandir(path) if not e.name.startswith(".")), key=lambda e: e.name)
+    entries = sorted((e for e in os.scandir(path) if not e.name.startswith(".")),
+                     key=lambda e: e.name)
     subdirs = [e.name for e in entries if e.is_dir()]
     files = [e.name for e in entries if e.is_file() and is_image_name(e.name)]
     tars = [e.name for e in entries if e.is_file() and e.name.lower().endswith(".tar")]
@@ -461,8 +478,8 @@ def index_input(data_dir, split: str, val_labels=None, classes=None, progress=Fa
         return _index_flat_folder(path, files, val_labels, classes)
     if subdirs:
         if val_labels:
-            raise WriterError(f"cfg.val_labels={val_labels} given, but {data_dir} is a tree of class "
-                              "folders whose names are the labels; drop cfg.val_labels")
+            raise WriterError(f"cfg.val_labels={val_labels} given, but {data_dir} is a tree of "
+                              "class folders whose names are the labels; drop cfg.val_labels")
         index = _index_image_folder(path, subdirs, classes)
         if len(index):
             return index
@@ -530,7 +547,8 @@ def decode_image(data: bytes, max_resolution: int) -> np.ndarray:
             width, height = image.size
             new_size = target_size(width, height, max_resolution)
             if new_size != (width, height) and image.format == "JPEG":
-                image.draft(None, new_size)  # libjpeg scales by 1/2..1/8 while decoding, never below
+                # libjpeg scales by 1/2..1/8 while decoding, never below new_size
+                image.draft(None, new_size)
             rgb = np.asarray(image.convert("RGB"))
     if (rgb.shape[1], rgb.shape[0]) != new_size:
         rgb = cv2.resize(rgb, new_size, interpolation=cv2.INTER_AREA)
@@ -566,23 +584,28 @@ def estimate_output_bytes(index: ImageIndex, opts: dict, page_size: int) -> int:
 
     n = len(index)
     picks = np.unique(np.linspace(0, n - 1, min(ESTIMATE_SAMPLES, n)).astype(int))
-    raw_sizes, jpeg_sizes, smart_jpeg = [], [], []
+    raw_bytes, jpeg_bytes, over_threshold = [], [], []
     for i in picks:
         try:
             image = decode_image(read_bytes(index, i), opts["max_resolution"])
         except Exception:  # bad files are reported by the write itself
             continue
-        raw_sizes.append(image.nbytes)
-        jpeg_sizes.append(len(encode_jpeg(image, opts["jpeg_quality"])) if opts["write_mode"] != "raw" else 0)
-        smart_jpeg.append(store_as_jpeg("smart", *image.shape[:2], opts["smart_threshold"] or 0, False))
-    if not raw_sizes:
+        raw_bytes.append(image.nbytes)
+        if opts["write_mode"] != "raw":
+            jpeg_bytes.append(len(encode_jpeg(image, opts["jpeg_quality"])))
+        if opts["write_mode"] == "smart":
+            over_threshold.append(image.nbytes > opts["smart_threshold"])
+    if not raw_bytes:
         return 0
-    share = {"raw": 0.0, "jpg": 1.0, "proportion": opts["compress_probability"],
-             "smart": float(np.mean(smart_jpeg))}[opts["write_mode"]]
-    per_image = share * np.mean(jpeg_sizes) + (1 - share) * np.mean(raw_sizes)
-    pages = n * per_image / page_size + opts["num_workers"] + 1
-    return int(1.1 * n * per_image + pages * 0.5 * np.mean(raw_sizes) + (opts["num_workers"] + 1) * page_size
-               + n * 64 + (1 << 16))
+    jpeg_share = {"raw": 0.0, "jpg": 1.0, "proportion": opts["compress_probability"],
+                  "smart": float(np.mean(over_threshold or [0]))}[opts["write_mode"]]
+    per_image_bytes = (jpeg_share * np.mean(jpeg_bytes or [0])
+                       + (1 - jpeg_share) * np.mean(raw_bytes))
+    num_pages = n * per_image_bytes / page_size + opts["num_workers"] + 1
+    page_tails_bytes = num_pages * 0.5 * np.mean(raw_bytes)  # an image that does not fit moves on
+    last_pages_bytes = (opts["num_workers"] + 1) * page_size  # each worker's last page is whole
+    tables_bytes = n * 64 + (1 << 16)  # header, per-sample metadata, allocation table
+    return int(1.1 * n * per_image_bytes + page_tails_bytes + last_pages_bytes + tables_bytes)
 
 
 def check_free_space(folder: Path, needed_bytes: int):
@@ -610,7 +633,13 @@ def _die_with_parent(parent_pid: int):
 
 def _worker(worker_id, parent_pid, index, opts, jpeg_plan, fields, metadata_buffer, metadata_type,
             allocator, tasks, results):
+    """Encode the chunks (start, stop) from `tasks` until None; report on `results`:
+    ("done", count) per chunk, ("bad", i, file, error) per undecodable image, then
+    ("allocations", worker_id, [...]) or ("crash", worker_id, traceback)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops us
+    # Forked after write_dataset installed its SIGTERM handler: restore the default so that the
+    # parent's terminate() stops a worker at once, even inside a long decode.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _die_with_parent(parent_pid)
     try:
         import cv2
@@ -618,16 +647,10 @@ def _worker(worker_id, parent_pid, index, opts, jpeg_plan, fields, metadata_buff
 
         cv2.setNumThreads(1)
         metadata = np.frombuffer(metadata_buffer, dtype=metadata_type)
-        image_column, label_column = metadata_type.names
-        as_raw = RGBImageField(write_mode="raw")
-        as_jpeg = RGBImageField(write_mode="jpg", jpeg_quality=opts["jpeg_quality"])
-        label_field = fields["label"]
+        image_fields = {False: RGBImageField(write_mode="raw"),
+                        True: RGBImageField(write_mode="jpg", jpeg_quality=opts["jpeg_quality"])}
         with allocator:
-            while True:
-                task = tasks.get()
-                if task is None:
-                    break
-                start, stop = task
+            for start, stop in iter(tasks.get, None):
                 for i in range(start, stop):
                     try:
                         image = decode_image(read_bytes(index, i), opts["max_resolution"])
@@ -636,17 +659,8 @@ def _worker(worker_id, parent_pid, index, opts, jpeg_plan, fields, metadata_buff
                         continue
                     jpeg = store_as_jpeg(opts["write_mode"], image.shape[0], image.shape[1],
                                          opts["smart_threshold"], jpeg_plan[i])
-                    image_field = as_jpeg if jpeg else as_raw
-                    for attempt in (0, 1):  # a sample that straddles a page restarts on a new one
-                        try:
-                            allocator.set_current_sample(i)
-                            image_field.encode(metadata[image_column][i:i + 1], image, allocator.malloc)
-                            label_field.encode(metadata[label_column][i:i + 1], int(index.labels[i]),
-                                               allocator.malloc)
-                            break
-                        except MemoryError:
-                            if attempt:
-                                raise
+                    _encode_sample(allocator, metadata, i, image_fields[jpeg], image,
+                                   fields["label"], int(index.labels[i]))
                 results.put(("done", stop - start))
         results.put(("allocations", worker_id, allocator.allocations))
     except BaseException:
@@ -654,6 +668,20 @@ def _worker(worker_id, parent_pid, index, opts, jpeg_plan, fields, metadata_buff
         results.close()
         results.join_thread()  # deliver the report before dying
         os._exit(1)
+
+
+def _encode_sample(allocator, metadata, i, image_field, image, label_field, label: int):
+    """Write sample i (data into the allocator's page, metadata row i) as ffcv's writer does."""
+    image_column, label_column = metadata.dtype.names
+    for attempt in (0, 1):  # a sample that straddles a page restarts on a new one
+        try:
+            allocator.set_current_sample(i)
+            image_field.encode(metadata[image_column][i:i + 1], image, allocator.malloc)
+            label_field.encode(metadata[label_column][i:i + 1], label, allocator.malloc)
+            return
+        except MemoryError:
+            if attempt:
+                raise
 
 
 @dataclass
@@ -670,7 +698,8 @@ def _fields(opts):
     from ffcv.fields import IntField, RGBImageField
 
     # The header records only the field types; the per-sample raw/JPEG choice is ours.
-    return {"image": RGBImageField(write_mode=opts["write_mode"], jpeg_quality=opts["jpeg_quality"]),
+    return {"image": RGBImageField(write_mode=opts["write_mode"],
+                                   jpeg_quality=opts["jpeg_quality"]),
             "label": IntField()}
 
 
@@ -722,10 +751,9 @@ def _finish_file(path, header, metadata_start, metadata, allocations, bad: set):
 
 
 def write_beton(path, index: ImageIndex, opts: dict, page_size: int, progress: bool) -> BetonStats:
-    """Encode every image of `index` into the .beton at `path` with opts['num_workers'] processes."""
+    """Encode every image of `index` into the .beton at `path` (opts['num_workers'] processes)."""
     from ffcv.memory_allocator import MemoryAllocator
     from ffcv.types import get_metadata_type
-    from tqdm import tqdm
 
     n = len(index)
     fields = _fields(opts)
@@ -735,8 +763,32 @@ def write_beton(path, index: ImageIndex, opts: dict, page_size: int, progress: b
     # (no /dev/shm segment to leak on SIGKILL, unlike multiprocessing.shared_memory).
     metadata_buffer = mmap.mmap(-1, max(1, n * metadata_type.itemsize))
     allocator = MemoryAllocator(str(path), metadata_start + n * metadata_type.itemsize, page_size)
-    jpeg_plan = plan_proportion(n, opts["compress_probability"]) if opts["write_mode"] == "proportion" \
-        else np.zeros(n, dtype=bool)
+    if opts["write_mode"] == "proportion":
+        jpeg_plan = plan_proportion(n, opts["compress_probability"])
+    else:
+        jpeg_plan = np.zeros(n, dtype=bool)
+    worker_args = (index, opts, jpeg_plan, fields, metadata_buffer, metadata_type, allocator)
+    allocations, bad = _run_workers(n, opts, worker_args, progress)
+    if len(bad) == n:
+        raise WriterError(f"none of the {n} images could be decoded; first: {bad[min(bad)]}")
+
+    metadata = np.frombuffer(metadata_buffer, dtype=metadata_type)[:n].copy()
+    metadata = _finish_file(path, header, metadata_start, metadata, allocations, set(bad))
+    image_meta = metadata[metadata_type.names[0]]
+    num_jpeg = int(np.sum(image_meta["mode"] == 0))  # ffcv: 0 = jpg, 1 = raw
+    return BetonStats(num_samples=len(metadata), num_raw=len(metadata) - num_jpeg,
+                      num_jpeg=num_jpeg, skipped=[bad[i] for i in sorted(bad)],
+                      widths=image_meta["width"].copy(), heights=image_meta["height"].copy())
+
+
+def _run_workers(n: int, opts: dict, worker_args: tuple, progress: bool) -> tuple:
+    """Encode samples 0..n-1 in chunks with worker processes, showing a progress bar.
+
+    Returns (allocations of all workers, {sample index: {"file", "error"}} of skipped images).
+    Raises WriterError for an undecodable image (unless opts['skip_bad']), RuntimeError when a
+    worker fails; the workers are stopped whatever happens.
+    """
+    from tqdm import tqdm
 
     context = multiprocessing.get_context("fork")
     tasks, results = context.Queue(), context.Queue()
@@ -746,23 +798,16 @@ def write_beton(path, index: ImageIndex, opts: dict, page_size: int, progress: b
     for _ in range(num_workers):
         tasks.put(None)
     workers = [context.Process(target=_worker, daemon=True,
-                               args=(w, os.getpid(), index, opts, jpeg_plan, fields, metadata_buffer,
-                                     metadata_type, allocator, tasks, results))
+                               args=(w, os.getpid(), *worker_args, tasks, results))
                for w in range(num_workers)]
-    stats = BetonStats()
     allocations, bad, finished = [], {}, set()
     try:
         for w in workers:
             w.start()
         with tqdm(total=n, unit="img", desc="writing", disable=not progress) as bar:
             while len(finished) < num_workers:
-                try:
-                    message = results.get(timeout=1.0)
-                except queue.Empty:
-                    dead = [w for i, w in enumerate(workers) if i not in finished and not w.is_alive()]
-                    if dead:
-                        raise RuntimeError(f"writer worker died (exit code {dead[0].exitcode}) "
-                                           "without reporting an error; out of memory?")
+                message = _next_message(results, workers, finished)
+                if message is None:
                     continue
                 kind = message[0]
                 if kind == "done":
@@ -770,8 +815,8 @@ def write_beton(path, index: ImageIndex, opts: dict, page_size: int, progress: b
                 elif kind == "bad":
                     _, i, name, error = message
                     if not opts["skip_bad"]:
-                        raise WriterError(f"{name}: cannot decode image ({error}); fix or remove it, "
-                                          "or pass --cfg.skip_bad=1 to skip such files")
+                        raise WriterError(f"{name}: cannot decode image ({error}); fix or remove "
+                                          "it, or pass --cfg.skip_bad=1 to skip such files")
                     bad[i] = {"file": name, "error": error}
                 elif kind == "allocations":
                     finished.add(message[1])
@@ -787,17 +832,23 @@ def write_beton(path, index: ImageIndex, opts: dict, page_size: int, progress: b
         for w in workers:
             if w.pid is not None:
                 w.join()
-    if len(bad) == n:
-        raise WriterError(f"none of the {n} images could be decoded; first: {next(iter(bad.values()))}")
-    metadata = np.frombuffer(metadata_buffer, dtype=metadata_type)[:n].copy()
-    metadata = _finish_file(path, header, metadata_start, metadata, allocations, set(bad))
-    image_meta = metadata[metadata_type.names[0]]
-    stats.num_samples = len(metadata)
-    stats.num_jpeg = int(np.sum(image_meta["mode"] == 0))  # ffcv: 0 = jpg, 1 = raw
-    stats.num_raw = stats.num_samples - stats.num_jpeg
-    stats.skipped = [bad[i] for i in sorted(bad)]
-    stats.widths, stats.heights = image_meta["width"].copy(), image_meta["height"].copy()
-    return stats
+        # After an error, chunks nobody will read may fill the pipe; without this, the exit of
+        # this process would wait forever for the queue's feeder thread to deliver them.
+        tasks.cancel_join_thread()
+    return allocations, bad
+
+
+def _next_message(results, workers, finished: set):
+    """The next worker report, or None after 1 s without one; RuntimeError if a worker that has
+    not finished died silently (killed by the kernel for memory, typically)."""
+    try:
+        return results.get(timeout=1.0)
+    except queue.Empty:
+        dead = [w for i, w in enumerate(workers) if i not in finished and not w.is_alive()]
+        if dead:
+            raise RuntimeError(f"writer worker died (exit code {dead[0].exitcode}) without "
+                               "reporting an error; out of memory?") from None
+        return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -854,32 +905,25 @@ def write_dataset(data_dir, write_path, *, split, max_resolution=500, write_mode
     Returns the summary: samples, classes, bytes, raw/jpeg counts, seconds, images_per_s,
     skipped files, paths. Raises WriterError (bad input) or ValueError (bad option).
     """
-    from ffcv_imagenet import __version__
-    from ffcv_imagenet.metadata import write_metadata
-
     import ffcv.fields  # noqa: F401  (imports torch: seconds that are not the writer's speed)
 
-    started = time.time()
+    started_s = time.time()
     opts = check_options({
         "split": split, "data_dir": str(data_dir), "write_path": str(write_path),
         "max_resolution": max_resolution, "write_mode": write_mode,
         "compress_probability": compress_probability, "jpeg_quality": jpeg_quality,
         "smart_threshold": smart_threshold, "subset": subset, "num_workers": num_workers or 0,
-        "chunk_size": chunk_size, "val_labels": str(val_labels or ""), "classes": str(classes or ""),
+        "chunk_size": chunk_size, "val_labels": str(val_labels or ""),
+        "classes": str(classes or ""),
         "overwrite": overwrite, "skip_bad": skip_bad})
-    destination = Path(opts["write_path"]).absolute()
-    if destination.is_dir():
-        raise WriterError(f"cfg.write_path={write_path} is a folder; give a file path such as "
-                          f"{destination / (opts['split'] + '.beton')}")
-    if destination.exists() and not opts["overwrite"]:
-        raise WriterError(f"cfg.write_path={write_path} already exists; kept it. Pass "
-                          "--cfg.overwrite=1 (overwrite=True) to replace it")
-    destination.parent.mkdir(parents=True, exist_ok=True)
+    for key in ("data_dir", "val_labels", "classes"):  # the metadata outlives the working folder
+        opts[key] = os.path.abspath(opts[key]) if opts[key] else ""
+    destination = prepare_destination(opts)
     stale = remove_stale_partials(destination)
 
     index = index_input(opts["data_dir"], opts["split"], opts["val_labels"] or None,
                         opts["classes"] or None, progress)
-    total_found = len(index)
+    images_found = len(index)
     index, short_classes = take_subset(index, opts["subset"])
     if not len(index):
         raise WriterError(f"cfg.data_dir={data_dir}: no images to write")
@@ -892,39 +936,18 @@ def write_dataset(data_dir, write_path, *, split, max_resolution=500, write_mode
     if threading_is_main():
         previous_sigterm = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
-        write_started = time.time()
+        write_started_s = time.time()
         stats = write_beton(temp, index, opts, page_size, progress)
-        write_seconds = time.time() - write_started
+        write_seconds = time.time() - write_started_s
         num_bytes = temp.stat().st_size
-        seconds = time.time() - started
-        meta = {
-            "wnids": index.wnids,
-            "split": opts["split"],
-            "source": index.source,
-            "options": {k: v for k, v in opts.items() if k not in ("data_dir", "write_path")},
-            "num_samples": stats.num_samples,
-            "num_classes": len(index.wnids),
-            "num_raw": stats.num_raw,
-            "num_jpeg": stats.num_jpeg,
-            "num_bytes": num_bytes,
-            "skipped": stats.skipped,
-            "images_found": total_found,
-            "writer": f"ffcv-imagenet {__version__}",
-            "ffcv_version": _ffcv_version(),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
-        # Order matters: old .beton gone -> new metadata -> new .beton renamed in. A crash at any
-        # point leaves either no .beton at the destination or one whose metadata matches it.
-        if destination.exists():
-            destination.unlink()
-        meta_file = write_metadata(destination, meta)
-        os.replace(temp, destination)
-        _fsync_folder(destination.parent)
+        meta = metadata_record(index, opts, stats, num_bytes, images_found)
+        meta_file = install(temp, destination, meta)
     finally:
         if previous_sigterm is not None:
             signal.signal(signal.SIGTERM, previous_sigterm)
         temp.unlink(missing_ok=True)
 
+    seconds = time.time() - started_s
     summary = {
         "write_path": str(destination),
         "metadata_path": str(meta_file),
@@ -949,6 +972,59 @@ def write_dataset(data_dir, write_path, *, split, max_resolution=500, write_mode
     if progress:
         print(format_summary(summary), file=sys.stderr)
     return summary
+
+
+def prepare_destination(opts: dict) -> Path:
+    """The absolute .beton path; refuses a folder, or an existing file without overwrite."""
+    write_path = opts["write_path"]
+    destination = Path(write_path).absolute()
+    if destination.is_dir():
+        raise WriterError(f"cfg.write_path={write_path} is a folder; give a file path such as "
+                          f"{destination / (opts['split'] + '.beton')}")
+    if destination.exists() and not opts["overwrite"]:
+        raise WriterError(f"cfg.write_path={write_path} already exists; kept it. Pass "
+                          "--cfg.overwrite=1 (overwrite=True) to replace it")
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    return destination
+
+
+def metadata_record(index: ImageIndex, opts: dict, stats: BetonStats, num_bytes: int,
+                    images_found: int) -> dict:
+    """What goes into `<beton>.meta.json` (see metadata.py): class list, source, options, counts."""
+    from ffcv_imagenet import __version__
+
+    return {
+        "wnids": index.wnids,
+        "split": opts["split"],
+        "source": index.source,
+        "options": {k: v for k, v in opts.items() if k not in ("data_dir", "write_path")},
+        "num_samples": stats.num_samples,
+        "num_classes": len(index.wnids),
+        "num_raw": stats.num_raw,
+        "num_jpeg": stats.num_jpeg,
+        "num_bytes": num_bytes,
+        "skipped": stats.skipped,
+        "images_found": images_found,
+        "writer": f"ffcv-imagenet {__version__}",
+        "ffcv_version": _ffcv_version(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def install(temp: Path, destination: Path, meta: dict) -> Path:
+    """Put the finished partial file and its metadata at the destination; returns the metadata path.
+
+    Order matters: old .beton gone -> new metadata -> new .beton renamed in. A crash at any point
+    leaves either no .beton at the destination or one whose metadata matches it.
+    """
+    from ffcv_imagenet.metadata import write_metadata
+
+    if destination.exists():
+        destination.unlink()
+    meta_file = write_metadata(destination, meta)
+    os.replace(temp, destination)
+    _fsync_folder(destination.parent)
+    return meta_file
 
 
 def threading_is_main() -> bool:
@@ -985,7 +1061,7 @@ def format_summary(s: dict) -> str:
         f"  samples {s['samples']}, classes {s['classes']}, {s['bytes'] / 1e6:.1f} MB "
         f"(estimated {s['estimated_bytes'] / 1e6:.1f} MB), raw {s['raw']}, JPEG {s['jpeg']}",
         f"  {s['seconds']:.1f} s, {s['images_per_s']:.1f} images/s overall, "
-        f"{s['write_images_per_s']:.1f} images/s while encoding ({s['num_workers']} workers)",
+        f"{s['write_images_per_s']:.1f} images/s while encoding ({s['num_workers']} processes)",
         f"  metadata {s['metadata_path']}",
     ]
     if s["skipped"]:
@@ -993,7 +1069,8 @@ def format_summary(s: dict) -> str:
         lines += [f"    {item['file']}: {item['error']}" for item in s["skipped"]]
     if s["classes_with_fewer_images_than_subset"]:
         short = s["classes_with_fewer_images_than_subset"]
-        lines.append(f"  {len(short)} classes have fewer images than cfg.subset: {', '.join(short[:10])}")
+        lines.append(f"  {len(short)} classes have fewer images than cfg.subset: "
+                     f"{', '.join(short[:10])}")
     lines += [f"  note: {note}" for note in s["notes"]]
     return "\n".join(lines)
 
@@ -1001,7 +1078,26 @@ def format_summary(s: dict) -> str:
 # ----------------------------------------------------------------------------------------------
 # Command line: fastargs section `cfg`, strict about keys and values.
 
-DESCRIPTION = "Convert ILSVRC2012 (class folders, flat val + labels, or the .tar archives) to .beton."
+DESCRIPTION = ("Convert ILSVRC2012 (class folders, flat val + labels, or the .tar archives) "
+               "to .beton.")
+
+
+def help_epilog() -> str:
+    """The option table of --help: plain text (fastargs' own table uses terminal line drawing)."""
+    lines = ["options (--cfg.KEY=VALUE; or in a JSON/YAML file under 'cfg:' given with -C):", ""]
+    for key, option in OPTIONS.items():
+        if option.required:
+            default = "required"
+        elif option.kind is bool:
+            default = f"default {int(option.default)}"
+        elif option.default in (None, ""):
+            default = "optional"
+        else:
+            default = f"default {option.default!r}"
+        text = textwrap.wrap(f"{option.desc} ({option.constraint()}; {default})", width=70)
+        lines.append(f"  --cfg.{key:<22} {text[0]}")
+        lines += [f"  {'':<28} {line}" for line in text[1:]]
+    return "\n".join(lines)
 
 
 def _fastargs_config():
@@ -1043,10 +1139,11 @@ def check_known_keys(argv: list):
     for token in tokens:
         if token in ("-C", "--config-file") or token.startswith("--config-file="):
             config_file = token.split("=", 1)[1] if "=" in token else next(tokens, None)
-            given += [(key, f"in {config_file}") for key in _flatten(_load_config_file(config_file))]
-        elif token.startswith("--") and token not in ("--help",):
-            given.append((token[2:].split("=", 1)[0], "on the command line"))
-        elif token.startswith("-") and token not in ("-h",) and not _is_number(token):
+            keys = _flatten(_load_config_file(config_file))
+            given += [(key, f"in {config_file}") for key in keys]
+        elif token in ("-h", "--help") or not token.startswith("-") or _is_number(token):
+            continue  # help, or the value of the previous option
+        else:
             given.append((token.lstrip("-").split("=", 1)[0], "on the command line"))
     errors = []
     for key, where in given:
@@ -1056,12 +1153,13 @@ def check_known_keys(argv: list):
         close = difflib.get_close_matches(key if section else f"cfg.{key}", known, n=1, cutoff=0.4)
         hint = f"; did you mean --{close[0]}?" if close else ""
         if section is not None and section != "cfg":
-            errors.append(f"unknown section '{section}' in --{key} {where} (the writer's options are "
-                          f"all under cfg){hint}")
+            errors.append(f"unknown section '{section}' in --{key} {where} (the writer's options "
+                          f"are all under cfg){hint}")
         else:
             errors.append(f"unknown option --{key} {where}{hint}")
     if errors:
-        raise ValueError("; ".join(errors) + f". Valid options: {', '.join('--' + k for k in known)}")
+        valid = ", ".join("--" + k for k in known)
+        raise ValueError("; ".join(errors) + f"\nvalid options: {valid}")
 
 
 def _is_number(token: str) -> bool:
@@ -1090,11 +1188,12 @@ def parse_args(argv: list) -> dict:
     check_known_keys(argv)
     config = _fastargs_config()
     parser = argparse.ArgumentParser(prog="ffcv-imagenet write", description=DESCRIPTION)
-    config.augment_argparse(parser)  # --help prints the option table (and exits 0) here
     saved_argv = sys.argv
-    sys.argv = [parser.prog] + list(argv)  # fastargs reads sys.argv
+    sys.argv = [parser.prog] + list(argv)  # fastargs reads sys.argv, in both calls below
     try:
-        config.collect_argparse_args(parser)
+        config.augment_argparse(parser)  # declares the --cfg.* arguments
+        parser.epilog = help_epilog()
+        config.collect_argparse_args(parser)  # --help prints it (and exits 0) here
     finally:
         sys.argv = saved_argv
     raw = {key: config.content.get(("cfg", key)) for key in OPTIONS}
@@ -1110,11 +1209,12 @@ def main(argv=None) -> int:
         return 2
     try:
         write_dataset(opts.pop("data_dir"), opts.pop("write_path"), progress=True, **opts)
-    except (WriterError, ValueError) as e:
+    except (WriterError, ValueError, RuntimeError) as e:
         print(f"ffcv-imagenet write: error: {e}", file=sys.stderr)
         return 1
     except (KeyboardInterrupt, _Terminated):
-        print("ffcv-imagenet write: interrupted; nothing was written at the destination", file=sys.stderr)
+        print("ffcv-imagenet write: interrupted; nothing was written at the destination",
+              file=sys.stderr)
         return 130
     return 0
 
