@@ -206,6 +206,7 @@ def declare() -> Config:
         seed=Param(StrictInt(min=0), "seed of data order, augmentation and init", default=0),
         deterministic=Param(StrictBool(), "bitwise-reproducible runs and resumes (CPU; 1 decoding thread)", default=False),
         device=Param(Choice("auto", "cuda", "cpu"), "auto = cuda when available", default="auto"),
+        cpu_threads=Param(StrictInt(min=0), "torch threads per process on CPU; 0 = CPU cores / processes on the node", default=0),
         distill_arch=Param(StrictStr(), "teacher arch for knowledge distillation; '' = off", default=""),
         distill_checkpoint=Param(StrictStr(), "teacher weights (state_dict or engine checkpoint)", default=""),
         distill_temperature=Param(StrictFloat(min=0, min_exclusive=True), "distillation temperature", default=4.0),
@@ -431,6 +432,24 @@ def check_consistency(cfg: dict) -> None:
                 raise ConfigError(f"data.{key} is not set (a .beton path)")
     if t["distill_arch"] and not t["distill_checkpoint"]:
         raise ConfigError("training.distill_arch is set but training.distill_checkpoint is empty")
+    if not t["eval_only"]:
+        check_schedule(cfg)
+
+
+def check_schedule(cfg: dict) -> None:
+    """Ask the schedule itself whether its keys fit the run (lr.lr_peak_epoch <= training.epochs,
+    increasing milestones, ...), so that a bad pair fails at load time, not at the first step."""
+    from ffcv_imagenet.schedules import lr_at
+
+    lr, epochs = cfg["lr"], cfg["training"]["epochs"]
+    try:
+        lr_at(0.0, schedule=lr["lr_schedule_type"], peak_lr=lr["lr"], epochs=epochs,
+              warmup_epochs=lr["warmup_epochs"], lr_peak_epoch=lr["lr_peak_epoch"],
+              step_ratio=lr["step_ratio"], step_length=lr["step_length"],
+              milestones=tuple(lr["milestones"]), end_lr_ratio=lr["end_lr_ratio"])
+    except ValueError as e:
+        raise ConfigError(f"lr.lr_schedule_type={lr['lr_schedule_type']} with training.epochs={epochs}: "
+                          f"{e} (keys of section 'lr')") from None
 
 
 def main(argv=None) -> int:

@@ -23,6 +23,7 @@ decoder can be swapped in.
 """
 
 import os
+import queue
 import warnings
 
 import numpy as np
@@ -32,7 +33,7 @@ from ffcv.fields.basics import IntDecoder
 from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder
 from ffcv.loader import Loader, OrderOption
 from ffcv.pipeline.compiler import Compiler
-from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, ToTorchImage
+from ffcv.transforms import RandomHorizontalFlip, ToDevice, ToTensor, ToTorchImage
 from ffcv.traversal_order.base import TraversalOrder
 from ffcv.traversal_order.quasi_random import QuasiRandom
 
@@ -160,20 +161,46 @@ class ValLoader:
 
 
 def _iterate(loader: Loader, torch_threads: int):
+    """(images, labels [B]) batches. Labels come as [B, 1] and are flattened here: ffcv's Squeeze
+    makes a batch of one a 0-d tensor, on which its ToDevice fails in the loader thread (and the
+    consumer then waits forever), e.g. the last val batch of 19 images at batch size 6."""
     # ffcv's Loader calls torch.set_num_threads(num_workers) when iterated (and again from its
     # worker thread as it starts); put back the thread count the model should use.
     iterator = iter(loader)
     torch.set_num_threads(torch_threads)
     first = True
     try:
-        for batch in iterator:
+        for images, labels in _batches(iterator, loader.fname):
             if first:
                 torch.set_num_threads(torch_threads)
                 first = False
-            yield batch
+            yield images, labels.view(-1)
     finally:
         iterator.close()  # stops ffcv's worker thread when the consumer stops early
         torch.set_num_threads(torch_threads)
+
+
+def _batches(iterator, path, poll_s: float = 1.0):
+    """ffcv's EpochIterator.__next__, except that it does not wait forever for a batch from a
+    loader thread that died: ffcv's thread stops on any exception (its traceback is printed) and
+    its consumer would block on the queue, hanging this rank and, through collectives, the job."""
+    from ffcv.loader.epoch_iterator import IS_CUDA
+
+    while True:
+        try:
+            item = iterator.output_queue.get(timeout=poll_s)
+        except queue.Empty:
+            if iterator.is_alive() or not iterator.output_queue.empty():
+                continue
+            raise RuntimeError(f"the ffcv loader thread for {path} stopped before the end of the "
+                               "epoch (its exception is printed above)") from None
+        if item is None:
+            iterator.close()
+            return
+        slot, batch = item
+        if IS_CUDA:  # wait for the batch's copy to the device, as ffcv's __next__ does
+            iterator.current_stream.wait_stream(iterator.cuda_streams[slot])
+        yield batch
 
 
 def num_samples(path) -> int:
@@ -204,7 +231,7 @@ def _image_pipeline(decoder, device, flip: bool):
 
 
 def _label_pipeline(device):
-    return [IntDecoder(), ToTensor(), Squeeze(), ToDevice(device, non_blocking=True)]
+    return [IntDecoder(), ToTensor(), ToDevice(device, non_blocking=True)]  # [B, 1]; see _iterate
 
 
 def _no_batch_error(kind, path, n, batch_size, world_size, drop_last):

@@ -39,8 +39,11 @@ def cpu_cores() -> int:
         return os.cpu_count() or 1
 
 
-def setup(device: str = "auto", timeout_s: float = 600.0) -> DistInfo:
-    """Initialise from torchrun's environment; device is 'auto', 'cuda' or 'cpu'."""
+def setup(device: str = "auto", timeout_s: float = 600.0, cpu_threads: int = 0) -> DistInfo:
+    """Initialise from torchrun's environment; device is 'auto', 'cuda' or 'cpu'.
+
+    On CPU, torch uses `cpu_threads` threads (0: this process's share of the cores).
+    """
     rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -54,7 +57,7 @@ def setup(device: str = "auto", timeout_s: float = 600.0) -> DistInfo:
         dev = torch.device("cuda", local_rank)
     else:
         dev = torch.device("cpu")
-        set_cpu_threads(local_world_size)
+        set_cpu_threads(local_world_size, cpu_threads)
 
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(
@@ -65,13 +68,14 @@ def setup(device: str = "auto", timeout_s: float = 600.0) -> DistInfo:
     return DistInfo(rank, world_size, local_rank, local_world_size, dev)
 
 
-def set_cpu_threads(local_world_size: int) -> int:
-    """Give each process on this node its share of the cores.
+def set_cpu_threads(local_world_size: int, threads: int = 0) -> int:
+    """Give each process on this node its share of the cores (or `threads`, when > 0).
 
     torchrun sets OMP_NUM_THREADS=1 in every worker, which would leave CPU training on one core;
-    the share of the cores this process may run on is what we want instead.
+    the share of the cores this process may run on is what we want instead. On a machine shared
+    with other jobs fewer threads can be much faster (spinning OpenMP threads wait on each other).
     """
-    threads = max(1, cpu_cores() // max(1, local_world_size))
+    threads = threads or max(1, cpu_cores() // max(1, local_world_size))
     torch.set_num_threads(threads)
     return threads
 

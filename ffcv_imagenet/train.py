@@ -28,6 +28,7 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.distributed.elastic.multiprocessing.errors import record
 
 from ffcv_imagenet import checkpoint as ckpt_io
 from ffcv_imagenet import distributed
@@ -37,8 +38,9 @@ from ffcv_imagenet.logger import RunLogger, environment
 from ffcv_imagenet.metadata import check_same_classes, read_metadata
 from ffcv_imagenet.schedules import lr_at, resolution_at
 
-# Test hook: "EPOCH:STEP" makes rank 0 SIGKILL itself after optimizer step STEP (1-based) of
-# EPOCH (0-based), to test resume after a hard kill in the middle of an epoch.
+# Test hook: "EPOCH:STEP" makes rank 0 (or "EPOCH:STEP:RANK": that rank) SIGKILL itself after
+# optimizer step STEP (1-based) of EPOCH (0-based), to test resume after a hard kill in the middle
+# of an epoch, and that the other ranks then stop instead of hanging.
 KILL_ENV = "FFCV_IMAGENET_TEST_KILL_AT"
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -244,8 +246,8 @@ def _kill_hook(epoch: int):
     spec = os.environ.get(KILL_ENV)
     if not spec:
         return None
-    kill_epoch, kill_step = (int(v) for v in spec.split(":"))
-    if kill_epoch != epoch or int(os.environ.get("RANK", 0)) != 0:
+    kill_epoch, kill_step, kill_rank = ([int(v) for v in spec.split(":")] + [0])[:3]
+    if kill_epoch != epoch or int(os.environ.get("RANK", 0)) != kill_rank:
         return None
 
     def hook(step):
@@ -263,14 +265,23 @@ def build_model(*, arch, num_classes, model_cfg, use_blurpool, channels_last, de
     return model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
-def fit(cfg: dict) -> dict:
-    """Train (or, with training.eval_only, evaluate) as `cfg` says; returns the summary record."""
-    launched_at = launch_time()
+def fit(cfg: dict, *, launched_at: float = None) -> dict:
+    """Train (or, with training.eval_only, evaluate) as `cfg` says; returns the summary record.
+
+    `launched_at` (time.time() seconds) is where start-up is counted from: by default the start of
+    this process (of the torchrun agent under torchrun), right for the command line; a caller that
+    runs fit inside a longer-lived process (demo, tests) passes its own start time.
+    """
+    launched_at = launch_time() if launched_at is None else launched_at
     data_cfg, lr_cfg, res_cfg, train_cfg = cfg["data"], cfg["lr"], cfg["resolution"], cfg["training"]
     aug_cfg, val_cfg, model_cfg, log_cfg = cfg["augment"], cfg["validation"], cfg["model"], cfg["logging"]
 
+    # fit may be called in-process (tests, demo): global torch settings are put back at the end
+    saved_settings = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
+                      torch.backends.cudnn.benchmark)
+
     # 1. distributed
-    dist_info = distributed.setup(train_cfg["device"])
+    dist_info = distributed.setup(train_cfg["device"], cpu_threads=train_cfg["cpu_threads"])
     try:
         if train_cfg["eval_only"]:
             return evaluate_checkpoint(cfg, dist_info)
@@ -460,6 +471,9 @@ def fit(cfg: dict) -> dict:
         return summary
     finally:
         distributed.cleanup()
+        torch.set_num_threads(saved_settings[0])
+        torch.use_deterministic_algorithms(saved_settings[1])
+        torch.backends.cudnn.benchmark = saved_settings[2]
 
 
 def evaluate_checkpoint(cfg: dict, dist_info) -> dict:
@@ -494,16 +508,19 @@ def evaluate_checkpoint(cfg: dict, dist_info) -> dict:
     return result
 
 
-def main(argv=None) -> int:
+def main(argv=None, *, launched_at: float = None) -> int:
+    """Command line -> fit; `launched_at` as for `fit` (in-process callers pass time.time())."""
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         cfg = load_config(argv)
     except ValueError as e:  # ConfigError: the message names the key or file at fault
         print(f"ffcv-imagenet train: {e}", file=sys.stderr)
         return 2
-    fit(cfg)
+    fit(cfg, launched_at=launched_at)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # under torchrun (`-m ffcv_imagenet.train`), `record` puts the failing rank's exception in
+    # torchrun's failure summary; only here, so that in-process callers keep their stderr as is
+    sys.exit(record(main)())

@@ -19,7 +19,8 @@ def expected_no_decay_ids(model):
 
 
 @pytest.mark.parametrize("arch, resnet_d, blurpool", [
-    ("resnet18", False, False), ("resnet50", False, True), ("resnet50", True, False)])
+    ("resnet18", False, False), ("resnet18", True, True), ("resnet50", False, True),
+    ("resnet50", True, False)])
 def test_no_decay_group_is_every_bn_and_bias(arch, resnet_d, blurpool):
     model = create_model(arch, num_classes=10, resnet_d=resnet_d, use_blurpool=blurpool)
     groups = param_groups(model, weight_decay=1e-4)

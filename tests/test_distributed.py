@@ -1,0 +1,44 @@
+"""Process-group set-up without torchrun, and the CPU thread share (torchrun's OMP_NUM_THREADS=1
+would otherwise leave CPU training on one core)."""
+
+import pytest
+import torch
+
+from ffcv_imagenet import distributed
+
+
+def test_single_process_needs_no_environment(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    threads = torch.get_num_threads()
+    try:
+        info = distributed.setup("cpu", cpu_threads=1)
+        assert (info.rank, info.world_size, info.local_rank) == (0, 1, 0)
+        assert info.is_main and not info.is_distributed and info.device == torch.device("cpu")
+        assert torch.get_num_threads() == 1
+        assert not torch.distributed.is_initialized()
+        t = torch.tensor([1.0, 2.0])
+        assert distributed.all_reduce_sum(t) is t and t.tolist() == [1.0, 2.0]
+        assert distributed.broadcast_object({"a": 1}) == {"a": 1}
+        distributed.barrier()
+        distributed.cleanup()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_cpu_thread_share_ignores_torchruns_one_thread(monkeypatch):
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(distributed, "cpu_cores", lambda: 16)
+    try:
+        assert distributed.set_cpu_threads(local_world_size=2) == 8
+        assert torch.get_num_threads() == 8
+        assert distributed.set_cpu_threads(local_world_size=32) == 1
+        assert distributed.set_cpu_threads(local_world_size=2, threads=3) == 3
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_cuda_requested_without_a_gpu_is_an_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match="training.device=cuda"):
+        distributed.setup("cuda")

@@ -1,0 +1,418 @@
+"""The training engine end to end on a tiny generated .beton pair (10 classes, 32 px, resnet18):
+logs and their fields, gradient accumulation, batch planning, evaluation against a hand
+computation, kill-and-resume equivalence, 2-process gloo runs through torchrun (one that succeeds,
+one whose rank 1 dies), eval_only, and the refusals (class lists, a loader with no step).
+
+The slow tests run subprocesses (each pays ffcv's numba compilation again); they are marked `slow`
+and run by default. The uninterrupted reference run is in this process and the killed one in a
+subprocess: both use 1 torch thread and 1 decoding thread, so their weights are bitwise equal."""
+
+import gc
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine_data import VAL_IMAGES, shared_betons
+from ffcv_imagenet import train
+from ffcv_imagenet.checkpoint import load_checkpoint
+from ffcv_imagenet.config import load_config
+
+# numba's finalizers print KeyErrors when ffcv's compiled pipelines are collected (harmless)
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+
+REPO = Path(__file__).resolve().parents[1]
+EPOCHS = 3
+KILL_AT = "1:4"  # SIGKILL after optimizer step 4 of epoch 1 (of 10)
+EPOCH_FIELDS = ("epoch", "lr", "resolution", "train_loss", "train_images_per_s", "top_1", "top_5",
+                "val_loss", "val_count", "epoch_s", "elapsed_s", "time")
+SUMMARY_FIELDS = ("epochs", "top_1", "top_5", "elapsed_s", "startup_s", "total_images",
+                  "mean_images_per_s", "time")
+
+
+def run_args(train_beton, val_beton, folder, *extra):
+    """80 train images, batch 8: 10 steps per epoch; bitwise reproducible on CPU with 1 thread."""
+    return [f"--data.train_dataset={train_beton}", f"--data.val_dataset={val_beton}",
+            f"--logging.folder={folder}", "--logging.progress=0",
+            "--model.arch=resnet18", "--training.use_blurpool=0", f"--training.epochs={EPOCHS}",
+            "--training.batch_size=8", "--training.label_smoothing=0", "--training.device=cpu",
+            "--training.cpu_threads=1", "--data.num_workers=1", "--training.deterministic=1",
+            "--lr.lr=0.02", "--lr.lr_schedule_type=cosine", "--augment.scale_min=0.5",
+            "--resolution.min_res=32", "--resolution.max_res=32", "--validation.resolution=32",
+            "--validation.batch_size=20", "--validation.lr_tta=0", *extra]
+
+
+def engine_env(**extra):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **extra}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return env
+
+
+def records(folder, kind=None):
+    with open(Path(folder) / "log.jsonl") as f:
+        lines = [json.loads(line) for line in f if line.strip()]
+    return [r for r in lines if kind is None or r["type"] == kind]
+
+
+@pytest.fixture(scope="module")
+def betons(tmp_path_factory):
+    yield shared_betons(tmp_path_factory)
+    gc.collect()  # collect ffcv's pipelines here, where the numba warnings above are filtered
+
+
+@pytest.fixture(scope="module")
+def reference_run(betons, tmp_path_factory):
+    """One uninterrupted 3-epoch run, in this process: (folder, wall seconds of the call)."""
+    folder = tmp_path_factory.mktemp("runs") / "reference"
+    settings = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled())
+    started = time.time()
+    assert train.main(run_args(*betons, folder), launched_at=started) == 0
+    wall_s = time.time() - started
+    # fit put back the torch settings it changed (threads, deterministic algorithms)
+    assert (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()) == settings
+    return folder, wall_s
+
+
+# --------------------------------------------------------------------------- pure decisions
+
+def test_plan_batch_preset_global_batch_on_one_process():
+    # rn50 preset: 8 GPUs x 512 = 4096 images per step; on 1 process, 8 accumulation steps
+    plan = train.plan_batch(batch_size_per_gpu=512, world_size=1, global_batch_size=4096,
+                            base_lr=1.7, lr_scaling="none")
+    assert (plan["global_batch_size"], plan["accum_steps"], plan["peak_lr"]) == (4096, 8, 1.7)
+    assert "4096 = 512 per process x 1 process(es) x 8 accumulation step(s)" in plan["message"]
+    plan = train.plan_batch(batch_size_per_gpu=512, world_size=8, global_batch_size=4096,
+                            base_lr=1.7, lr_scaling="none")
+    assert (plan["accum_steps"], plan["peak_lr"]) == (1, 1.7)
+
+
+def test_plan_batch_non_dividing_batch_scales_lr_linearly():
+    # the user lowered the per-GPU batch to 384: 4096 is not a multiple of 384 x 2
+    plan = train.plan_batch(batch_size_per_gpu=384, world_size=2, global_batch_size=4096,
+                            base_lr=0.425, lr_scaling="linear")
+    assert plan["accum_steps"] == 5 and plan["global_batch_size"] == 3840
+    assert plan["requested_global_batch_size"] == 4096
+    assert plan["peak_lr"] == pytest.approx(0.425 * 3840 / 256)
+    assert "does not divide" in plan["message"] and "scaled linearly" in plan["message"]
+    plan = train.plan_batch(batch_size_per_gpu=384, world_size=2, global_batch_size=4096,
+                            base_lr=1.7, lr_scaling="none")
+    assert plan["peak_lr"] == 1.7 and "NOT rescaled" in plan["message"]
+
+
+def test_plan_batch_default_global_batch_is_per_gpu_times_world():
+    plan = train.plan_batch(batch_size_per_gpu=256, world_size=4, global_batch_size=0,
+                            base_lr=0.5, lr_scaling="linear")
+    assert (plan["global_batch_size"], plan["accum_steps"], plan["peak_lr"]) == (1024, 1, 2.0)
+
+
+# --------------------------------------------------------------------------- gradient accumulation
+
+def small_net():
+    """No BatchNorm: with BN, micro-batches normalise by their own statistics (as per-GPU BN does
+    under DDP), so accumulation equals the large batch only for the gradient of BN-free nets."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(),
+                               torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 5))
+
+
+def one_epoch(model, batches, *, steps, accum):
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    return train.train_one_epoch(model, batches, optimizer, scaler, epoch=0, steps_per_epoch=steps,
+                                 accum_steps=accum, lr_fn=lambda e: 0.1 * (1 - e / 2),
+                                 device=torch.device("cpu"), precision="fp32", label_smoothing=0.1)
+
+
+def test_gradient_accumulation_equals_the_large_batch():
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (16, 3, 8, 8), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, 5, (16,), generator=g)
+    large, accumulated = small_net(), small_net()
+    big = one_epoch(large, [(images[:8], labels[:8]), (images[8:], labels[8:])], steps=2, accum=1)
+    micro = [(images[i:i + 2], labels[i:i + 2]) for i in range(0, 16, 2)]
+    small = one_epoch(accumulated, micro, steps=2, accum=4)
+    for p, q in zip(large.parameters(), accumulated.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert big["images"] == small["images"] == 16
+    assert big["train_loss"] == pytest.approx(small["train_loss"], rel=1e-6)
+    assert big["lr"] == small["lr"] == pytest.approx(0.1 * (1 - 0.5 / 2))  # lr of the 2nd step
+
+
+def test_micro_batches_that_do_not_fill_a_step_are_skipped():
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8, generator=g),
+                torch.randint(0, 5, (2,), generator=g)) for _ in range(5)]
+    stats = one_epoch(small_net(), batches, steps=2, accum=2)
+    assert stats["images"] == 8
+
+
+def test_mixup_distillation_and_jitter_run_in_the_loop():
+    g = torch.Generator().manual_seed(2)
+    batches = [(torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8, generator=g),
+                torch.randint(0, 5, (4,), generator=g)) for _ in range(2)]
+    model, teacher = small_net(), small_net().eval()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    before = [p.detach().clone() for p in model.parameters()]
+    stats = train.train_one_epoch(
+        model, batches, optimizer, scaler, epoch=0, steps_per_epoch=2, accum_steps=1,
+        lr_fn=lambda e: 0.1, device=torch.device("cpu"), precision="bf16", label_smoothing=0.1,
+        mixup_alpha=0.2, num_classes=5, teacher=teacher, color_jitter=0.4, pca_lighting=0.1,
+        generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(torch.tensor(stats["train_loss"])) and stats["images"] == 8
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+class PixelLogits(torch.nn.Module):
+    """Logits = the first row of channel 0 of the normalised image (one value per column)."""
+
+    def forward(self, x):
+        return x[:, 0, 0, :].float()
+
+
+def test_evaluate_against_hand_computation():
+    from ffcv_imagenet.data import IMAGENET_MEAN, IMAGENET_STD
+
+    pixels = torch.tensor([[10, 200, 30, 40, 50, 60],     # label 1: top-1 right
+                           [10, 20, 30, 40, 50, 60],      # label 0: ranked 6th, not in top-5
+                           [90, 20, 30, 40, 80, 70]],     # label 4: 2nd, in top-5 only
+                          dtype=torch.uint8)
+    labels = torch.tensor([1, 0, 4])
+    images = torch.zeros(3, 3, 2, 6, dtype=torch.uint8)
+    images[:, 0, 0, :] = pixels
+    batches = [(images[:2], labels[:2]), (images[2:], labels[2:])]
+    result = train.evaluate(PixelLogits(), batches, device=torch.device("cpu"), precision="fp32",
+                            lr_tta=False)
+    logits = (pixels.float() - 255 * IMAGENET_MEAN[0]) / (255 * IMAGENET_STD[0])
+    expected_loss = torch.nn.functional.cross_entropy(logits, labels).item()
+    assert result["val_count"] == 3
+    assert result["top_1"] == pytest.approx(1 / 3) and result["top_5"] == pytest.approx(2 / 3)
+    assert result["val_loss"] == pytest.approx(expected_loss, rel=1e-6)
+    # flip TTA averages the logits with those of the mirrored image (columns reversed)
+    tta = train.evaluate(PixelLogits(), batches, device=torch.device("cpu"), precision="fp32",
+                         lr_tta=True)
+    expected_tta = torch.nn.functional.cross_entropy((logits + logits.flip(1)) / 2, labels).item()
+    assert tta["val_loss"] == pytest.approx(expected_tta, rel=1e-6)
+
+
+# --------------------------------------------------------------------------- one full run
+
+def test_run_logs_every_field_and_the_loss_falls(reference_run):
+    folder, wall_s = reference_run
+    epochs = records(folder, "epoch")
+    assert [r["epoch"] for r in epochs] == list(range(EPOCHS))  # once each
+    for r in epochs:
+        for field in EPOCH_FIELDS:
+            assert r.get(field) is not None, (field, r)
+        assert r["resolution"] == 32 and r["val_count"] == VAL_IMAGES
+        assert 0 <= r["top_5"] <= 1 and r["top_1"] <= r["top_5"]
+    assert epochs[-1]["train_loss"] < epochs[0]["train_loss"], [r["train_loss"] for r in epochs]
+
+    starts = records(folder, "start")
+    assert len(starts) == 1 and starts[0]["startup_s"] > 0 and starts[0]["resumed_from_epoch"] is None
+    summaries = records(folder, "summary")
+    assert len(summaries) == 1  # the final evaluation is logged once, not twice
+    summary = summaries[0]
+    for field in SUMMARY_FIELDS:
+        assert summary.get(field) is not None, field
+    assert summary["top_1"] == epochs[-1]["top_1"] and summary["total_images"] == EPOCHS * 80
+    assert records(folder)[-1]["type"] == "summary"
+
+    # elapsed_s counts from the first training step: it excludes start-up (loaders, compiling)
+    assert [r["elapsed_s"] for r in epochs] == sorted(r["elapsed_s"] for r in epochs)
+    assert 0 < epochs[0]["elapsed_s"] <= epochs[0]["epoch_s"]
+    assert summary["elapsed_s"] == epochs[-1]["elapsed_s"]
+    assert summary["startup_s"] == starts[0]["startup_s"]
+    assert 0 < summary["startup_s"] and summary["startup_s"] + summary["elapsed_s"] <= wall_s
+
+    # the optimizer the engine built: no decay on any BN (downsample BNs included) or bias
+    checkpoint = load_checkpoint(folder / "checkpoint.pt")
+    groups = checkpoint["optimizer"]["param_groups"]
+    assert [(g["name"], g["weight_decay"]) for g in groups] == [("decay", 1e-4), ("no_decay", 0.0)]
+    bns = [n[:-len(".running_mean")] for n in checkpoint["model"] if n.endswith(".running_mean")]
+    assert "layer2.0.downsample.1" in bns
+    assert len(groups[1]["params"]) == 2 * len(bns) + 1  # every BN weight and bias, and fc.bias
+    convs = [n for n in checkpoint["model"] if n.endswith(".weight") and n[:-len(".weight")] not in bns]
+    assert len(groups[0]["params"]) == len(convs)  # conv weights and fc.weight
+
+    assert checkpoint["epoch"] == EPOCHS and checkpoint["step"] == EPOCHS * 10
+    assert checkpoint["config"]["training"]["epochs"] == EPOCHS and len(checkpoint["wnids"]) == 10
+
+
+def test_run_writes_params_and_env(reference_run):
+    folder, _ = reference_run
+    params = json.loads((folder / "params.json").read_text())
+    assert params["training"]["epochs"] == EPOCHS and params["lr"]["lr"] == 0.02
+    derived = params["derived"]
+    assert (derived["global_batch_size"], derived["accum_steps"], derived["peak_lr"]) == (8, 1, 0.02)
+    assert derived["steps_per_epoch"] == 10 and derived["world_size"] == 1
+    assert derived["precision"] == "bf16" and derived["train_samples"] == 80
+    assert params["argv"] == run_args(*[params["data"][k] for k in ("train_dataset", "val_dataset")],
+                                      folder)
+
+    env = json.loads((folder / "env.json").read_text())
+    assert torch.__version__.startswith(env["versions"]["torch"])
+    assert env["versions"]["ffcv"] and env["python"] and env["world_size"] == 1
+    assert env["device_count"] == torch.cuda.device_count() == len(env["device_names"])
+    if (REPO / ".git").exists() and Path(train.__file__).is_relative_to(REPO):
+        assert env["git_commit"]
+
+
+def test_a_finished_run_is_not_overwritten(betons, reference_run):
+    folder, _ = reference_run
+    with pytest.raises(FileExistsError, match="resume=1"):
+        train.fit(load_config(run_args(*betons, folder)))
+
+
+def test_eval_only_prints_the_checkpoint_top1(betons, reference_run, capsys):
+    folder, _ = reference_run
+    _, val = betons
+    capsys.readouterr()
+    assert train.main([f"--data.val_dataset={val}", "--training.eval_only=1",
+                       f"--training.checkpoint={folder / 'checkpoint.pt'}", "--training.device=cpu",
+                       "--training.cpu_threads=1", "--data.num_workers=1", "--logging.progress=0",
+                       "--validation.resolution=32", "--validation.lr_tta=0"]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    summary = records(folder, "summary")[0]
+    assert printed["type"] == "eval" and printed["val_count"] == VAL_IMAGES
+    assert printed["top_1"] == pytest.approx(summary["top_1"])
+    assert printed["epoch"] == EPOCHS
+
+
+# --------------------------------------------------------------------------- kill and resume
+
+@pytest.mark.slow
+def test_kill_mid_epoch_and_resume_ends_with_the_same_weights(betons, reference_run, tmp_path):
+    folder = tmp_path / "killed"
+    out = subprocess.run([sys.executable, "-m", "ffcv_imagenet.train", *run_args(*betons, folder)],
+                         env=engine_env(**{train.KILL_ENV: KILL_AT}), capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == -9, out.stderr[-3000:]
+    assert [r["epoch"] for r in records(folder, "epoch")] == [0]
+    assert load_checkpoint(folder / "checkpoint.pt")["epoch"] == 1
+    killed_elapsed = records(folder, "epoch")[0]["elapsed_s"]
+
+    assert train.main(run_args(*betons, folder, "--training.resume=1"), launched_at=time.time()) == 0
+
+    reference, _ = reference_run
+    expected = load_checkpoint(reference / "checkpoint.pt")
+    resumed = load_checkpoint(folder / "checkpoint.pt")
+    assert resumed["epoch"] == expected["epoch"] == EPOCHS
+    assert resumed["model"].keys() == expected["model"].keys()
+    different = [k for k in expected["model"] if not torch.equal(expected["model"][k], resumed["model"][k])]
+    assert not different, different
+    for a, b in zip(expected["optimizer"]["state"].values(), resumed["optimizer"]["state"].values()):
+        assert torch.equal(a["momentum_buffer"], b["momentum_buffer"])
+
+    # one log: every epoch once, a start line per launch, one summary
+    epochs = records(folder, "epoch")
+    assert [r["epoch"] for r in epochs] == list(range(EPOCHS))
+    assert [r["train_loss"] for r in epochs] == [r["train_loss"] for r in records(reference, "epoch")]
+    starts = records(folder, "start")
+    assert [r["resumed_from_epoch"] for r in starts] == [None, 1]
+    (summary,) = records(folder, "summary")
+    assert summary["startup_s"] == starts[0]["startup_s"]  # the first launch's start-up counts
+    assert summary["total_images"] == EPOCHS * 80  # the replayed part of epoch 1 is not counted twice
+    assert epochs[1]["elapsed_s"] > killed_elapsed  # elapsed time continues across the restart
+
+
+def test_resume_drops_epochs_the_checkpoint_does_not_hold(tmp_path):
+    from ffcv_imagenet.logger import RunLogger
+
+    # killed after logging epoch 1 but before its checkpoint was saved: the checkpoint holds 1 epoch
+    logger = RunLogger(tmp_path, enabled=True)
+    for record in ({"type": "start"}, {"type": "epoch", "epoch": 0}, {"type": "epoch", "epoch": 1}):
+        logger.log(record)
+    logger.keep_epochs_before(1)
+    logger.log({"type": "start"})
+    assert [(r["type"], r.get("epoch")) for r in logger.records()] == [
+        ("start", None), ("epoch", 0), ("start", None)]
+    assert not RunLogger(tmp_path / "other", enabled=False).records()  # other ranks write nothing
+    assert not (tmp_path / "other").exists()
+
+
+# --------------------------------------------------------------------------- several processes
+
+@pytest.mark.slow
+def test_two_process_gloo_run_through_torchrun(betons, tmp_path):
+    folder = tmp_path / "ddp"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    # 2 processes x 8 images x 2 accumulation steps = 32 images per step; 40 per rank = 5 batches
+    # val batch 6: rank 0 evaluates 19 images in 4 batches (the last of one image), rank 1 18 in 3
+    argv = run_args(*betons, folder, "--training.epochs=1", "--training.global_batch_size=32",
+                    "--training.deterministic=0", "--validation.batch_size=6")
+    out = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", "-m",
+                          "ffcv_imagenet.train", *argv], env=engine_env(), capture_output=True,
+                         text=True, timeout=240)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (epoch,) = records(folder, "epoch")  # only rank 0 writes
+    assert epoch["val_count"] == VAL_IMAGES  # 19 + 18: every val image once, none padded
+    assert len(records(folder, "start")) == 1 and len(records(folder, "summary")) == 1
+    assert records(folder, "summary")[0]["total_images"] == 64  # 2 steps x 32
+    derived = json.loads((folder / "params.json").read_text())["derived"]
+    assert (derived["world_size"], derived["accum_steps"], derived["global_batch_size"]) == (2, 2, 32)
+    assert derived["steps_per_epoch"] == 2
+    assert sorted(p.name for p in folder.iterdir()) == ["checkpoint.pt", "env.json", "log.jsonl",
+                                                       "params.json"]
+    model_keys = load_checkpoint(folder / "checkpoint.pt")["model"].keys()
+    assert "fc.weight" in model_keys and not any(k.startswith("module.") for k in model_keys)
+
+
+@pytest.mark.slow
+def test_a_failing_rank_ends_the_job_instead_of_hanging(betons, tmp_path):
+    folder = tmp_path / "ddp_fail"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    started = time.time()
+    out = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", "-m",
+                          "ffcv_imagenet.train", *run_args(*betons, folder, "--training.epochs=1")],
+                         env=engine_env(**{train.KILL_ENV: "0:1:1"}),  # rank 1 dies after step 1
+                         capture_output=True, text=True, timeout=240)
+    assert out.returncode != 0
+    assert time.time() - started < 200  # far below the process group's 600 s timeout
+    assert "ffcv_imagenet.train FAILED" in out.stderr and "local_rank: 1" in out.stderr
+    assert not records(folder, "summary") and not records(folder, "epoch")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_fp16_run(betons, tmp_path):
+    folder = tmp_path / "cuda"
+    argv = run_args(*betons, folder, "--training.device=cuda", "--training.deterministic=0",
+                    "--training.epochs=1", "--validation.batch_size=6")
+    assert train.main(argv, launched_at=time.time()) == 0
+    assert json.loads((folder / "params.json").read_text())["derived"]["precision"] == "fp16"
+    (epoch,) = records(folder, "epoch")
+    assert epoch["val_count"] == VAL_IMAGES and epoch["train_loss"] == epoch["train_loss"]  # not NaN
+
+
+# --------------------------------------------------------------------------- refusals
+
+def test_class_list_mismatch_is_refused_naming_both_files(betons, tmp_path):
+    from ffcv_imagenet.metadata import read_metadata, write_metadata
+
+    train_beton, val_beton = betons
+    other = tmp_path / "other_val.beton"
+    other.symlink_to(val_beton)
+    meta = read_metadata(val_beton)
+    write_metadata(other, {**meta, "wnids": meta["wnids"][:9] + ["zebra"]})
+    with pytest.raises(ValueError) as e:
+        train.fit(load_config(run_args(train_beton, other, tmp_path / "run")))
+    message = str(e.value)
+    assert str(train_beton) in message and str(other) in message
+    assert "only in val: zebra" in message and "vstripes" in message
+
+
+def test_a_loader_that_would_yield_no_step_is_an_error_saying_why(betons, tmp_path):
+    # 80 images / batch 8 = 10 batches, but one optimizer step needs 1024 / 8 = 128 of them
+    with pytest.raises(ValueError) as e:
+        train.fit(load_config(run_args(*betons, tmp_path / "run", "--training.global_batch_size=1024")))
+    message = str(e.value)
+    assert "10 batches" in message and "128 micro-batches" in message
+    assert "training.global_batch_size" in message
+    with pytest.raises(ValueError, match="would yield no batch.*batch_size=128"):
+        train.fit(load_config(run_args(*betons, tmp_path / "run2", "--training.batch_size=128")))
