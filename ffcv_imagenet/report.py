@@ -254,7 +254,7 @@ def make_plots(runs, out_dir: Path) -> list:
                     ls="-" if run.complete else "--", alpha=0.85)
         ax.set_xlabel(x_label)
         ax.set_ylabel("top-1 (%)")
-        ax.set_title(f"top-1 against {x_key} ({len(runs)} runs; dashed = cut short)")
+        ax.set_title(f"top-1 against {x_key} ({len(runs)} run{'s' if len(runs) != 1 else ''}; dashed = cut short)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="lower right")
         fig.tight_layout()

@@ -47,6 +47,7 @@ write is refused when the destination's free space is smaller.
 """
 
 import argparse
+import contextlib
 import csv
 import ctypes
 import difflib
@@ -907,6 +908,36 @@ def write_dataset(data_dir, write_path, *, split, max_resolution=500, write_mode
     """
     import ffcv.fields  # noqa: F401  (imports torch: seconds that are not the writer's speed)
 
+    with single_threaded_opencv():
+        return _write_dataset(data_dir, write_path, split=split, max_resolution=max_resolution,
+                              write_mode=write_mode, compress_probability=compress_probability,
+                              jpeg_quality=jpeg_quality, smart_threshold=smart_threshold,
+                              subset=subset, num_workers=num_workers, chunk_size=chunk_size,
+                              val_labels=val_labels, classes=classes, overwrite=overwrite,
+                              skip_bad=skip_bad, progress=progress)
+
+
+@contextlib.contextmanager
+def single_threaded_opencv():
+    """Keep OpenCV's thread pool down in this process while workers are forked from it.
+
+    The pool does not survive fork: a worker forked while the parent's pool is up (started by
+    any earlier cv2.resize of a large image, e.g. while estimating the output size) deadlocks in
+    its first cv2 call. Workers decode one image per process anyway.
+    """
+    import cv2
+
+    previous = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        yield
+    finally:
+        cv2.setNumThreads(previous)
+
+
+def _write_dataset(data_dir, write_path, *, split, max_resolution, write_mode,
+                   compress_probability, jpeg_quality, smart_threshold, subset, num_workers,
+                   chunk_size, val_labels, classes, overwrite, skip_bad, progress) -> dict:
     started_s = time.time()
     opts = check_options({
         "split": split, "data_dir": str(data_dir), "write_path": str(write_path),

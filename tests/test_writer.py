@@ -577,3 +577,25 @@ def test_write_imagenet_sh_picks_inputs_and_parameters(tmp_path):
     result, (train, val) = run_sh(imagenet, out)
     assert f"--cfg.data_dir={imagenet}/val " in val
     assert f"--cfg.val_labels={imagenet}/LOC_val_solution.csv" in val
+
+
+def test_workers_forked_after_opencv_started_its_thread_pool(tmp_path):
+    """Regression: OpenCV's thread pool, once started in the parent (any cv2.resize of a large
+    image, e.g. while the writer estimates its output size from real ImageNet photos), deadlocked
+    every forked worker in its first cv2 call; the write hung forever at 0 images."""
+    folder = data.write_image_folder(tmp_path / "train", data.sample_set(per_class=(2, 2, 2)))
+    out = tmp_path / "out.beton"
+    script = (
+        "import cv2, numpy as np\n"
+        "cv2.setNumThreads(2)\n"
+        "big = np.random.default_rng(0).integers(0, 255, (1500, 2000, 3), dtype=np.uint8)\n"
+        "for _ in range(3):\n"
+        "    cv2.resize(big, (500, 375), interpolation=cv2.INTER_AREA)\n"
+        "from ffcv_imagenet.writer import write_dataset\n"
+        f"write_dataset({str(folder)!r}, {str(out)!r}, split='train', max_resolution=32,\n"
+        "              num_workers=2, progress=False)\n"
+        "assert cv2.getNumThreads() == 2  # the caller's setting is put back\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], timeout=60, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert out.exists()

@@ -29,7 +29,10 @@ MAX_RES=${3:-500}
 COMPRESS_PROB=${4:-0.5}
 QUALITY=${5:-90}
 NUM_WORKERS=${NUM_WORKERS:-0}
-WRITE_CMD=("${PYTHON:-python3}" "$HERE/write_imagenet.py")
+# The project's virtual environment (./quickstart.sh creates it) unless PYTHON says otherwise.
+DEFAULT_PYTHON=python3
+[ -x "$HERE/../.venv/bin/python" ] && DEFAULT_PYTHON=$HERE/../.venv/bin/python
+WRITE_CMD=("${PYTHON:-$DEFAULT_PYTHON}" "$HERE/write_imagenet.py")
 
 # The train input: class folders, else the archive.
 if [ -d "$IMAGENET_DIR/train" ]; then
