@@ -170,3 +170,27 @@ def test_color_jitter_and_pca_lighting_are_seeded_and_bounded():
     assert x.min() >= 0 and x.max() <= 255
     x = pca_lighting_(images.float(), 0.0, g)
     torch.testing.assert_close(x, images.float())
+
+
+def test_in_memory_warns_with_advice_when_the_file_exceeds_available_ram(betons, monkeypatch):
+    """ffcv-imagenet #11: in_memory=1 without the RAM for it gave 'an hour per epoch', silently."""
+    import collections
+
+    import psutil
+
+    from ffcv_imagenet.data import check_in_memory
+
+    train, _ = betons
+    memory = collections.namedtuple("memory", "available")
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: memory(available=1024))
+    with pytest.warns(UserWarning, match="in_memory=0") as caught:
+        check_in_memory(train, in_memory=True)
+    assert str(train) in str(caught[0].message) and "quasi_random" in str(caught[0].message)
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: memory(available=2**50))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_in_memory(train, in_memory=True)  # enough RAM: silent
+        monkeypatch.setattr(psutil, "virtual_memory", lambda: memory(available=1024))
+        check_in_memory(train, in_memory=False)  # not asked to cache: silent
