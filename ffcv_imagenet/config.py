@@ -410,6 +410,20 @@ def load_config(argv: list) -> dict:
     return cfg
 
 
+def check_arch_names(cfg: dict) -> None:
+    """model.arch and training.distill_arch must be torchvision classification models (checked
+    here so that a typo fails before the loaders' start-up, not after it)."""
+    from ffcv_imagenet.models import available_models
+
+    names = available_models()
+    for key, arch in (("model.arch", cfg["model"]["arch"]),
+                      ("training.distill_arch", cfg["training"]["distill_arch"])):
+        if arch and arch not in names:
+            close = difflib.get_close_matches(arch, names, n=3, cutoff=0.5)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise ConfigError(f"{key}={arch} is not a torchvision classification model{hint}")
+
+
 def check_consistency(cfg: dict) -> None:
     """Relations between keys that single-key checks cannot see."""
     a, r, t = cfg["augment"], cfg["resolution"], cfg["training"]
@@ -430,6 +444,10 @@ def check_consistency(cfg: dict) -> None:
         for key in ("train_dataset", "val_dataset"):
             if not cfg["data"][key]:
                 raise ConfigError(f"data.{key} is not set (a .beton path)")
+    check_arch_names(cfg)
+    if t["nesterov"] and t["optimizer"] != "sgd":
+        raise ConfigError(f"training.nesterov=1 applies to training.optimizer=sgd only, got "
+                          f"training.optimizer={t['optimizer']}; set --training.nesterov=0")
     if t["distill_arch"] and not t["distill_checkpoint"]:
         raise ConfigError("training.distill_arch is set but training.distill_checkpoint is empty")
     if not t["eval_only"]:

@@ -135,6 +135,14 @@ def test_consistency_checks():
         load_config(DATA + ["--resolution.min_res=256", "--resolution.max_res=192"])
     with pytest.raises(ConfigError, match="training.checkpoint"):
         load_config(["--data.val_dataset=v.beton", "--training.eval_only=1"])
+    # used to fail only when the optimizer was built, after the loaders' start-up
+    with pytest.raises(ConfigError, match="training.nesterov=1 applies to training.optimizer=sgd only"):
+        load_config(DATA + ["--training.optimizer=adamw", "--training.nesterov=1"])
+    load_config(DATA + ["--training.optimizer=adamw", "--training.nesterov=0"])
+    with pytest.raises(ConfigError, match="model.arch=resnet5 is not a torchvision.*did you mean resnet50"):
+        load_config(DATA + ["--model.arch=resnet5"])
+    with pytest.raises(ConfigError, match="training.distill_arch=resnet125"):
+        load_config(DATA + ["--training.distill_arch=resnet125", "--training.distill_checkpoint=t.pt"])
 
 
 @pytest.mark.parametrize("argv, named", [
