@@ -413,14 +413,12 @@ def load_config(argv: list) -> dict:
 def check_arch_names(cfg: dict) -> None:
     """model.arch and training.distill_arch must be torchvision classification models (checked
     here so that a typo fails before the loaders' start-up, not after it)."""
-    from ffcv_imagenet.models import available_models
+    from ffcv_imagenet.models import unknown_arch_hint
 
-    names = available_models()
     for key, arch in (("model.arch", cfg["model"]["arch"]),
                       ("training.distill_arch", cfg["training"]["distill_arch"])):
-        if arch and arch not in names:
-            close = difflib.get_close_matches(arch, names, n=3, cutoff=0.5)
-            hint = f"; did you mean {', '.join(close)}?" if close else ""
+        hint = unknown_arch_hint(arch) if arch else None
+        if hint is not None:
             raise ConfigError(f"{key}={arch} is not a torchvision classification model{hint}")
 
 

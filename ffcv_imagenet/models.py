@@ -97,6 +97,15 @@ def available_models() -> list:
     return sorted(torchvision.models.list_models(module=torchvision.models))
 
 
+def unknown_arch_hint(arch: str):
+    """None when torchvision has `arch`; otherwise '; did you mean ...?' (or '' without a close name)."""
+    names = available_models()
+    if arch in names:
+        return None
+    close = difflib.get_close_matches(arch, names, n=3, cutoff=0.5)
+    return f"; did you mean {', '.join(close)}?" if close else ""
+
+
 def _kaiming_init_(module: torch.nn.Module) -> None:
     """torchvision's ResNet initialisation for layers this module adds."""
     for m in module.modules():
@@ -191,12 +200,11 @@ def create_model(arch: str, *, num_classes: int = 1000, zero_init_residual: bool
     """
     import torchvision
 
-    names = available_models()
-    if arch not in names:
-        close = difflib.get_close_matches(arch, names, n=3, cutoff=0.5)
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise ValueError(f"unknown model.arch {arch!r}{hint} (torchvision has {len(names)} "
-                         "classification models, see torchvision.models.list_models())")
+    hint = unknown_arch_hint(arch)
+    if hint is not None:
+        raise ValueError(f"unknown model.arch {arch!r}{hint} (torchvision has "
+                         f"{len(available_models())} classification models, see "
+                         "torchvision.models.list_models())")
     if num_classes <= 0:
         raise ValueError(f"num_classes must be > 0, got {num_classes}")
 
