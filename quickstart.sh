@@ -13,9 +13,10 @@ need_apt=()
 command -v pkg-config >/dev/null 2>&1 || need_apt+=(pkg-config)
 if command -v pkg-config >/dev/null 2>&1; then
     pkg-config --exists libturbojpeg || need_apt+=(libturbojpeg0-dev)
+    pkg-config --exists libjpeg || need_apt+=(libjpeg-dev)
     pkg-config --exists opencv4 || pkg-config --exists opencv || need_apt+=(libopencv-dev)
 else
-    need_apt+=(libturbojpeg0-dev libopencv-dev)
+    need_apt+=(libturbojpeg0-dev libjpeg-dev libopencv-dev)
 fi
 if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
     need_apt+=("python3-venv")
@@ -31,8 +32,9 @@ if [ ${#need_apt[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
 fi
 
-# Reinstall when pyproject.toml changed since the last install.
-if [ ! -x "$VENV/bin/python" ] || [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
+# Reinstall when pyproject.toml or the C decoder changed since the last install.
+if [ ! -x "$VENV/bin/python" ] || [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ] \
+        || [ ffcv_imagenet/_jpegcrop.c -nt "$STAMP" ]; then
     echo "[quickstart] creating $VENV and installing ffcv-imagenet[test] (first time: about 2 minutes)"
     [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
     "$VENV/bin/pip" install -q --upgrade pip setuptools wheel

@@ -9,6 +9,7 @@ SUBCOMMANDS = {
     "inspect": ("ffcv_imagenet.inspect", "show fields, counts, labels, sizes and metadata of a .beton"),
     "train": ("ffcv_imagenet.train", "train a model from a preset (--config-file) with overrides"),
     "report": ("ffcv_imagenet.report", "time-to-accuracy tables and plots from run folders"),
+    "bench": ("ffcv_imagenet.bench", "loader/writer/training throughput vs stock ffcv, torchvision, DALI"),
     "demo": ("ffcv_imagenet.demo", "generate a small real-JPEG dataset, write, train, report"),
 }
 
@@ -20,8 +21,21 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+def _quiet_numba_finalizer(unraisable):
+    """numba's dispatcher finalizer raises KeyError when ffcv's compiled pipelines of a finished
+    Loader are garbage-collected; harmless, but printed as a traceback per pipeline."""
+    tb = unraisable.exc_traceback
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if (isinstance(unraisable.exc_value, KeyError) and tb is not None
+            and tb.tb_frame.f_code.co_filename.endswith("numba/core/dispatcher.py")):
+        return
+    sys.__unraisablehook__(unraisable)
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    sys.unraisablehook = _quiet_numba_finalizer
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
         return 0

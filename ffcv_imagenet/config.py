@@ -163,6 +163,7 @@ def declare() -> Config:
         val_dataset=Param(StrictStr(), "val .beton (same class list as train)", default=""),
         num_workers=Param(StrictInt(min=0), "decoding threads per process; 0 = CPU cores / processes on the node", default=0),
         in_memory=Param(StrictBool(), "os_cache: keep the file in the page cache (needs the RAM for it)", default=True),
+        decoder=Param(Choice("crop_first", "ffcv"), "train JPEG decoder: crop_first decodes only what the crop box needs (fastest, same boxes); ffcv = stock RandomResizedCrop", default="crop_first"),
         order=Param(Choice("random", "quasi_random"), "train sample order; quasi_random reads pages in near-sequence (for files larger than RAM)", default="random"),
     )
     section(
@@ -224,7 +225,10 @@ def declare() -> Config:
     section(
         "validation", "evaluation",
         batch_size=Param(StrictInt(min=1), "images per process per batch", default=256),
-        resolution=Param(StrictInt(min=8), "center-crop (ratio 224/256) resolution", default=256),
+        resolution=Param(StrictInt(min=8), "center-crop resolution", default=256),
+        crop_ratio=Param(StrictFloat(min=0, max=1, min_exclusive=True),
+                         "side of the center crop / shorter image side (224/256 = ImageNet's 0.875; 1 = whole square image)",
+                         default=224 / 256),
         lr_tta=Param(StrictBool(), "average logits with the horizontally flipped image", default=True),
         every_n_epochs=Param(StrictInt(min=1), "validate every n epochs (and always after the last)", default=1),
     )

@@ -17,9 +17,10 @@ Sharding across processes:
   distributed mode uses torch's DistributedSampler, which pads by repeating images to equal
   length; that would count some images twice.
 
-Progressive resizing sets the train decoder's `output_size` between epochs (ffcv re-reads it when
-it allocates the epoch's buffers). The decoder is built by a factory argument so that another
-decoder can be swapped in.
+Train decoding: `train_decoder` builds our crop-first decoder (fastjpeg.py; decodes only what the
+crop box needs) or ffcv's RandomResizedCrop; both draw the same boxes. Progressive resizing sets
+the train decoder's `output_size` between epochs (ffcv re-reads it when it allocates the epoch's
+buffers). The decoder is built by a factory argument so that another decoder can be swapped in.
 """
 
 import os
@@ -36,6 +37,8 @@ from ffcv.pipeline.compiler import Compiler
 from ffcv.transforms import RandomHorizontalFlip, ToDevice, ToTensor, ToTorchImage
 from ffcv.traversal_order.base import TraversalOrder
 from ffcv.traversal_order.quasi_random import QuasiRandom
+
+from .fastjpeg import DEFAULT_LEVERS, CropFirstRandomResizedCrop
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # RGB, on [0, 1]
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -90,31 +93,44 @@ class _OrderFactory(TraversalOrder):
 
 # --------------------------------------------------------------------------- decoders
 
-def train_decoder(resolution_px: int, scale, ratio, *, seed: int = 0, deterministic: bool = False):
-    """Default train decoder factory: ffcv's RandomResizedCrop (seeded variant when deterministic)."""
+DECODERS = ("crop_first", "ffcv")
+
+
+def train_decoder(resolution_px: int, scale, ratio, *, seed: int = 0, deterministic: bool = False,
+                  kind: str = "crop_first", levers=None):
+    """Train decoder factory.
+
+    kind="crop_first": our CropFirstRandomResizedCrop (fastjpeg.py): same crop boxes as ffcv's,
+    drawn before decoding, and only the box's part of each JPEG decoded (`levers`: flags from
+    fastjpeg, default DEFAULT_LEVERS). kind="ffcv": ffcv's RandomResizedCropRGBImageDecoder.
+    Deterministic runs get the seeded variant of either.
+    """
+    size, scale, ratio = (resolution_px, resolution_px), tuple(scale), tuple(ratio)
+    if kind == "crop_first":
+        flags = DEFAULT_LEVERS if levers is None else levers
+        if deterministic:
+            return SeededCropFirst(size, scale=scale, ratio=ratio, flags=flags, seed=seed)
+        return CropFirstRandomResizedCrop(size, scale=scale, ratio=ratio, flags=flags)
+    if kind != "ffcv":
+        raise ValueError(f"unknown train decoder {kind!r}; choose from {DECODERS}")
     if deterministic:
-        return SeededRandomResizedCrop((resolution_px, resolution_px), scale=tuple(scale),
-                                       ratio=tuple(ratio), seed=seed)
-    return RandomResizedCropRGBImageDecoder((resolution_px, resolution_px), scale=tuple(scale),
-                                            ratio=tuple(ratio))
+        return SeededRandomResizedCrop(size, scale=scale, ratio=ratio, seed=seed)
+    return RandomResizedCropRGBImageDecoder(size, scale=scale, ratio=ratio)
 
 
-class SeededRandomResizedCrop(RandomResizedCropRGBImageDecoder):
-    """RandomResizedCrop whose randomness is a function of (seed, the batch's sample indices).
+class _SeededDecode:
+    """Mixin: the decoder's randomness becomes a function of (seed, the batch's sample indices).
 
     ffcv draws crops and flips from numba's thread-local RNG, which nobody seeds, so two runs never
     crop alike. Here numba's RNG is reseeded at the start of each batch from a hash of the seed and
     the batch's indices (which differ per epoch because the order does); with one decoding thread
-    the flip that follows draws from the same stream, so the whole batch is reproducible.
+    the flip that follows draws from the same stream, so the whole batch is reproducible. Both
+    train decoders draw the same boxes from the same stream, so seeded they crop identically.
     """
-
-    def __init__(self, output_size, scale, ratio, seed: int):
-        super().__init__(output_size, scale=scale, ratio=ratio)
-        self.seed = int(seed) % 2147483647
 
     def generate_code(self):
         decode = Compiler.compile(super().generate_code())
-        base_seed = self.seed
+        base_seed = int(self.seed) % 2147483647
 
         def seeded_decode(batch_indices, my_storage, metadata, storage_state):
             h = np.int64(base_seed)
@@ -124,6 +140,18 @@ class SeededRandomResizedCrop(RandomResizedCropRGBImageDecoder):
             return decode(batch_indices, my_storage, metadata, storage_state)
 
         return seeded_decode
+
+
+class SeededRandomResizedCrop(_SeededDecode, RandomResizedCropRGBImageDecoder):
+    def __init__(self, output_size, scale, ratio, seed: int):
+        super().__init__(output_size, scale=scale, ratio=ratio)
+        self.seed = seed
+
+
+class SeededCropFirst(_SeededDecode, CropFirstRandomResizedCrop):
+    def __init__(self, output_size, scale, ratio, flags, seed: int):
+        super().__init__(output_size, scale=scale, ratio=ratio, flags=flags)
+        self.seed = seed
 
 
 # --------------------------------------------------------------------------- loaders
@@ -245,7 +273,7 @@ def create_train_loader(path, *, batch_size: int, resolution_px: int, num_worker
                         device, rank: int = 0, world_size: int = 1, in_memory: bool = True,
                         order: str = "random", seed: int = 0, scale=(0.08, 1.0),
                         ratio=(3 / 4, 4 / 3), deterministic: bool = False, torch_threads=None,
-                        decoder_factory=train_decoder) -> TrainLoader:
+                        decoder: str = "crop_first", decoder_factory=train_decoder) -> TrainLoader:
     """Train loader for this rank: equal-length shards, drop_last, channels-last uint8 on `device`."""
     path = str(path)
     n = num_samples(path)
@@ -255,7 +283,8 @@ def create_train_loader(path, *, batch_size: int, resolution_px: int, num_worker
     if deterministic:
         num_workers = 1  # the seeded decoder relies on one decoding thread
     torch_threads = torch_threads or torch.get_num_threads()
-    decoder = decoder_factory(resolution_px, scale, ratio, seed=seed, deterministic=deterministic)
+    decoder = decoder_factory(resolution_px, scale, ratio, seed=seed, deterministic=deterministic,
+                              kind=decoder)
     loader = Loader(
         path, batch_size=batch_size, num_workers=num_workers, os_cache=in_memory,
         order=_OrderFactory(quasi_random=(order == "quasi_random"), rank=rank, world_size=world_size),
@@ -268,7 +297,7 @@ def create_train_loader(path, *, batch_size: int, resolution_px: int, num_worker
 
 def create_val_loader(path, *, batch_size: int, resolution_px: int, num_workers: int, device,
                       rank: int = 0, world_size: int = 1, in_memory: bool = True,
-                      torch_threads=None) -> ValLoader:
+                      torch_threads=None, crop_ratio: float = VAL_CROP_RATIO) -> ValLoader:
     """Val loader for this rank: a contiguous block of the file, every image exactly once overall."""
     path = str(path)
     n = num_samples(path)
@@ -276,7 +305,7 @@ def create_val_loader(path, *, batch_size: int, resolution_px: int, num_workers:
     if len(shard) == 0:
         raise _no_batch_error("val", path, n, batch_size, world_size, False)
     torch_threads = torch_threads or torch.get_num_threads()
-    decoder = CenterCropRGBImageDecoder((resolution_px, resolution_px), ratio=VAL_CROP_RATIO)
+    decoder = CenterCropRGBImageDecoder((resolution_px, resolution_px), ratio=crop_ratio)
     loader = Loader(
         path, batch_size=batch_size, num_workers=num_workers, os_cache=in_memory,
         order=OrderOption.SEQUENTIAL, indices=shard, drop_last=False,

@@ -102,3 +102,33 @@ def make_image_folder(root, images_per_class: int, size_px: int = 64, classes=CL
         for i in range(images_per_class):
             draw_image(class_name, size_px, rng).save(folder / f"{class_name}_{i:05d}.JPEG", quality=quality)
     return root
+
+
+def photo_like(height_px: int, width_px: int, rng: np.random.Generator) -> np.ndarray:
+    """A photograph-sized RGB uint8 image whose JPEG costs about what an ImageNet photo costs.
+
+    Smooth colour fields (large-scale structure), a few blurred shapes (edges) and fine texture
+    that varies in strength across the image (foliage next to sky), so that entropy-coded size and
+    decode time per pixel are near real photos' (about 0.3 bytes/pixel at q90; measured in bench).
+    """
+    y, x = np.mgrid[0:height_px, 0:width_px].astype(np.float32)
+    image = np.zeros((height_px, width_px, 3), np.float32)
+    for channel in range(3):
+        for _ in range(3):
+            fy, fx = rng.uniform(0.2, 3, 2) * 2 * math.pi / np.array([height_px, width_px])
+            image[..., channel] += rng.uniform(20, 45) * np.sin(fy * y + fx * x + rng.uniform(0, 6.3))
+    image += rng.uniform(70, 170, 3)
+    canvas = Image.fromarray(np.clip(image, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(canvas)
+    for _ in range(int(rng.integers(4, 9))):
+        r = rng.uniform(0.05, 0.3) * min(height_px, width_px)
+        cx, cy = rng.uniform(0, width_px), rng.uniform(0, height_px)
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=_random_colour(rng))
+    canvas = canvas.filter(ImageFilter.GaussianBlur(radius=1.0))
+    pixels = np.asarray(canvas, dtype=np.float32)
+    strength = 3 + 13 * (0.5 + 0.5 * np.sin(x * 2 * math.pi / width_px * rng.uniform(0.5, 2)
+                                             + y * 2 * math.pi / height_px * rng.uniform(0.5, 2)))
+    texture = rng.normal(0, 1, (height_px, width_px, 1)).astype(np.float32)
+    texture = (texture + np.roll(texture, 1, axis=1) + np.roll(texture, 1, axis=0)) / 1.7
+    pixels = pixels + strength[..., None] * texture + rng.normal(0, 2, pixels.shape)
+    return np.clip(pixels, 0, 255).astype(np.uint8)

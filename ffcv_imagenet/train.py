@@ -312,9 +312,10 @@ def fit(cfg: dict, *, launched_at: float = None) -> dict:
             resolution_px=res_cfg["min_res"], order=data_cfg["order"], seed=train_cfg["seed"],
             scale=(aug_cfg["scale_min"], aug_cfg["scale_max"]),
             ratio=(aug_cfg["ratio_min"], aug_cfg["ratio_max"]),
-            deterministic=train_cfg["deterministic"], **loader_args)
+            deterministic=train_cfg["deterministic"], decoder=data_cfg["decoder"], **loader_args)
         val_loader = create_val_loader(data_cfg["val_dataset"], batch_size=val_cfg["batch_size"],
-                                       resolution_px=val_cfg["resolution"], **loader_args)
+                                       resolution_px=val_cfg["resolution"],
+                                       crop_ratio=val_cfg["crop_ratio"], **loader_args)
         steps_per_epoch = len(train_loader) // plan["accum_steps"]
         if steps_per_epoch == 0:
             raise ValueError(
@@ -496,7 +497,8 @@ def evaluate_checkpoint(cfg: dict, dist_info) -> dict:
     val_loader = create_val_loader(data_cfg["val_dataset"], batch_size=val_cfg["batch_size"],
                                    resolution_px=val_cfg["resolution"], num_workers=num_workers,
                                    device=device, rank=dist_info.rank, world_size=dist_info.world_size,
-                                   in_memory=data_cfg["in_memory"], torch_threads=torch.get_num_threads())
+                                   in_memory=data_cfg["in_memory"], torch_threads=torch.get_num_threads(),
+                                   crop_ratio=val_cfg["crop_ratio"])
     result = evaluate(model, val_loader, device=device, precision=precision, lr_tta=val_cfg["lr_tta"],
                       progress=cfg["logging"]["progress"] and dist_info.is_main)
     result = {"type": "eval", "checkpoint": train_cfg["checkpoint"], "epoch": checkpoint.get("epoch"),

@@ -1,0 +1,607 @@
+"""`ffcv-imagenet bench`: input-pipeline and training throughput, measured in one run, as ratios.
+
+On the same images and the same RandomResizedCrop + flip, it measures (images/s):
+  loader_1core / loader       this toolkit's training loader (crop-first decoder), 1 worker / all
+  ffcv_loader_1core / _loader stock ffcv 1.0.2 RandomResizedCropRGBImageDecoder on the same .beton
+  ffcv_raw50_loader(_1core)   stock ffcv on the images written as ffcv-imagenet's rn50 recipe
+                              writes them (50% raw pixels, max side 500, q90), a much larger file
+  torchvision_loader(_1core)  ImageFolder + DataLoader (PIL), same crop, same worker count
+  dali_loader                 NVIDIA DALI CPU pipeline (decoders.image_random_crop), when installed
+  model                       training steps on a batch already on the device (the ceiling)
+  e2e                         training steps fed by this toolkit's loader
+  writer / ffcv_writer        .beton writing, ours against ffcv's DatasetWriter, same folder/options
+plus, on one worker, each decoder lever alone, and per-core rates at 192 and 224 px for the
+projection "CPU cores per H100 needed to feed ResNet-50" (H100 ceilings: ANCHORS.md, reference).
+
+Loader passes of all configurations are interleaved round by round, so that the shared machine's
+drift falls on all of them alike; ratios taken in one run are the result, not absolute rates.
+"""
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+# Reference, not measured here: torchvision resnet50 model-only img/s on one H100 80GB, channels-last,
+# fp16 autocast, batch 256 (ANCHORS.md, "Measured on the lent GPU machine", 2026-11-23).
+H100_RESNET50_IMG_S = {160: 7815, 192: 6020, 224: 4612}
+CLASSES = 10
+MAX_SIDE = 500
+QUALITY = 90
+SYNTHETIC_SIZES = ((375, 500), (500, 375), (333, 500), (500, 500), (281, 500), (500, 400))
+
+
+# --------------------------------------------------------------------------- inputs
+
+def prepare_images(folder: Path, source, distinct: int, count: int, seed: int = 0) -> dict:
+    """ImageFolder at `folder` with `count` JPEGs (CLASSES classes): `distinct` different images at
+    max side 500, q90 (read from `source`, or photo-like synthetic ones when source is None),
+    replicated by hard links. Returns {"distinct": n, "count": count, "source": ...}."""
+    import cv2
+
+    from .synthetic import photo_like
+
+    rng = np.random.default_rng(seed)
+    encoded = []
+    if source is not None:
+        files = sorted(p for p in Path(source).rglob("*")
+                       if p.suffix.lower() in (".jpeg", ".jpg", ".png"))
+        if not files:
+            raise SystemExit(f"ffcv-imagenet bench: no .JPEG/.jpg/.png files under --images {source}")
+        for path in files[:distinct] if distinct else files:
+            image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+            if image is None:
+                raise SystemExit(f"ffcv-imagenet bench: cannot decode {path}")
+            encoded.append(_reencode(image))
+    else:
+        for k in range(distinct):
+            h, w = SYNTHETIC_SIZES[k % len(SYNTHETIC_SIZES)]
+            encoded.append(_reencode(photo_like(h, w, rng)[:, :, ::-1]))
+    for c in range(CLASSES):
+        (folder / f"class_{c:02d}").mkdir(parents=True, exist_ok=True)
+    originals = []
+    for k, data in enumerate(encoded):
+        path = folder / f"class_{k % CLASSES:02d}" / f"img_{k:05d}.JPEG"
+        path.write_bytes(data)
+        originals.append(path)
+    for k in range(len(encoded), count):
+        src = originals[k % len(originals)]
+        os.link(src, folder / f"class_{k % CLASSES:02d}" / f"img_{k:05d}.JPEG")
+    return {"distinct": len(encoded), "count": max(count, len(encoded)),
+            "source": str(source) if source else "synthetic (synthetic.photo_like)"}
+
+
+def _reencode(bgr: np.ndarray) -> bytes:
+    import cv2
+
+    h, w = bgr.shape[:2]
+    scale = MAX_SIDE / max(h, w)
+    if scale < 1:
+        bgr = cv2.resize(bgr, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+    ok, data = cv2.imencode(".jpg", np.ascontiguousarray(bgr), [cv2.IMWRITE_JPEG_QUALITY, QUALITY])
+    return data.tobytes()
+
+
+def payload_bytes(beton: Path) -> int:
+    from ffcv.reader import Reader
+
+    return int(Reader(str(beton)).alloc_table["size"].sum())
+
+
+# --------------------------------------------------------------------------- writers
+
+def write_ours(folder, path, workers, restart_interval, write_mode="jpg") -> float:
+    from .writer import write_dataset
+
+    start = time.perf_counter()
+    write_dataset(folder, path, split="train", max_resolution=MAX_SIDE, write_mode=write_mode,
+                  jpeg_quality=QUALITY, restart_interval=restart_interval, num_workers=workers,
+                  progress=False, overwrite=True)
+    return time.perf_counter() - start
+
+
+def write_ffcv(folder, path, workers, write_mode="jpg") -> float:
+    """ffcv 1.0.2's own DatasetWriter over torchvision's ImageFolder (PIL images)."""
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.writer import DatasetWriter
+    from torchvision.datasets import ImageFolder
+
+    dataset = ImageFolder(str(folder))
+    fields = {"image": RGBImageField(write_mode=write_mode, max_resolution=MAX_SIDE,
+                                     jpeg_quality=QUALITY, compress_probability=0.5),
+              "label": IntField()}
+    start = time.perf_counter()
+    DatasetWriter(str(path), fields, num_workers=workers).from_indexed_dataset(dataset)
+    return time.perf_counter() - start
+
+
+# --------------------------------------------------------------------------- loaders
+
+class Pass:
+    """One measured configuration: `make()` builds an iterable of batches; passes are timed."""
+
+    def __init__(self, key, make, label):
+        self.key, self.make, self.label = key, make, label
+        self.loader = None
+        self.images = 0
+        self.seconds = 0.0
+
+    def warm(self):
+        self.loader = self.make()
+        for _ in self.loader:  # the first pass compiles ffcv's pipeline (numba) / starts workers
+            pass
+
+    def run(self):
+        import torch
+
+        start = time.perf_counter()
+        n = 0
+        for batch in self.loader:
+            images = batch[0]
+            n += images.shape[0] if isinstance(images, torch.Tensor) else len(images)
+        self.seconds += time.perf_counter() - start
+        self.images += n
+
+    @property
+    def rate(self):
+        return self.images / self.seconds if self.seconds else float("nan")
+
+
+def measure(passes, seconds: float, min_rounds: int = 2, log=print):
+    """Warm every configuration, then run one pass of each per round until each has had
+    `seconds` of timed passes (and at least min_rounds)."""
+    for p in passes:
+        log(f"  warming {p.label} ...")
+        p.warm()
+    rounds = 0
+    while rounds < min_rounds or min(p.seconds for p in passes) < seconds:
+        for p in passes:
+            p.run()
+        rounds += 1
+    for p in passes:
+        log(f"  {p.label:<58} {p.rate:9.0f} img/s")
+    return {p.key: p.rate for p in passes}
+
+
+def ours_loader(path, res, batch, workers, flags=None):
+    import torch
+
+    from . import data
+
+    def make():
+        return data.create_train_loader(
+            path, batch_size=batch, resolution_px=res, num_workers=workers, device=torch.device("cpu"),
+            decoder="crop_first", torch_threads=torch.get_num_threads(),
+            decoder_factory=lambda *a, **k: data.train_decoder(*a, levers=flags, **k))
+    return make
+
+
+def ffcv_loader(path, res, batch, workers):
+    def make():
+        from ffcv.fields.basics import IntDecoder
+        from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder
+        from ffcv.loader import Loader, OrderOption
+        from ffcv.transforms import RandomHorizontalFlip, ToTensor, ToTorchImage
+
+        return Loader(str(path), batch_size=batch, num_workers=workers, order=OrderOption.RANDOM,
+                      drop_last=True, os_cache=True,
+                      pipelines={"image": [RandomResizedCropRGBImageDecoder((res, res)),
+                                           RandomHorizontalFlip(), ToTensor(), ToTorchImage()],
+                                 "label": [IntDecoder(), ToTensor()]})
+    return make
+
+
+def torchvision_loader(folder, res, batch, workers):
+    def make():
+        import torch
+        from torchvision import transforms
+        from torchvision.datasets import ImageFolder
+
+        tf = transforms.Compose([transforms.RandomResizedCrop(res), transforms.RandomHorizontalFlip(),
+                                 transforms.PILToTensor()])
+        return torch.utils.data.DataLoader(ImageFolder(str(folder), transform=tf), batch_size=batch,
+                                           shuffle=True, drop_last=True, num_workers=workers,
+                                           persistent_workers=True)
+    return make
+
+
+def dali_loader(folder, res, batch, workers):
+    """NVIDIA DALI's CPU pipeline: region decode of the random crop, resize, flip."""
+    def make():
+        from nvidia.dali import fn, pipeline_def, types
+
+        @pipeline_def(batch_size=batch, num_threads=workers, device_id=None)
+        def pipe():
+            jpegs, labels = fn.readers.file(file_root=str(folder), random_shuffle=True, name="reader")
+            images = fn.decoders.image_random_crop(jpegs, device="cpu", output_type=types.RGB,
+                                                   random_area=[0.08, 1.0],
+                                                   random_aspect_ratio=[3 / 4, 4 / 3])
+            images = fn.resize(images, resize_x=res, resize_y=res)
+            images = fn.flip(images, horizontal=fn.random.coin_flip())
+            return images, labels
+
+        p = pipe()
+        p.build()
+        epoch = p.epoch_size("reader") // batch
+
+        class Epoch:
+            def __iter__(self):
+                for _ in range(epoch):
+                    images, labels = p.run()
+                    yield [images.as_array()]
+        return Epoch()
+    return make
+
+
+def dali_available() -> bool:
+    try:
+        import nvidia.dali  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+# --------------------------------------------------------------------------- training steps
+
+def training_rate(arch, res, batch, seconds, batches=None, log=print) -> float:
+    """Images/s of real training steps (engine's train_one_epoch: SGD, label smoothing, autocast).
+    batches=None: one batch already on the device, reused (model-only ceiling)."""
+    import torch
+
+    from .models import create_model
+    from .optim import create_optimizer
+    from .train import resolve_precision, train_one_epoch
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    precision = resolve_precision("auto", device)
+    model = create_model(arch, num_classes=1000).to(device, memory_format=torch.channels_last)
+    optimizer = create_optimizer(model, name="sgd", lr=0.1, momentum=0.9, nesterov=True,
+                                 weight_decay=5e-5)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    if batches is None:
+        images = torch.randint(0, 256, (batch, 3, res, res), dtype=torch.uint8, device=device)
+        images = images.contiguous(memory_format=torch.channels_last)
+        labels = torch.randint(0, 1000, (batch,), device=device)
+
+        def source(steps):
+            return ((images, labels) for _ in range(steps))
+    else:
+        def source(steps):
+            def gen():
+                produced = 0
+                while produced < steps:
+                    for item in batches:
+                        yield item
+                        produced += 1
+                        if produced >= steps:
+                            return
+            return gen()
+
+    def run(steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = train_one_epoch(model, source(steps), optimizer, scaler, epoch=0, steps_per_epoch=steps,
+                              accum_steps=1, lr_fn=lambda e: 0.1, device=device, precision=precision,
+                              label_smoothing=0.1)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return out["images"], time.perf_counter() - start
+
+    torch.set_num_threads(len(os.sched_getaffinity(0)))  # ffcv's Loader lowers it when iterated
+    warm_until = time.perf_counter() + min(seconds, 5.0)
+    run(2)  # warm-up: allocator, oneDNN/cudnn kernel selection, the loader's first batches
+    while time.perf_counter() < warm_until:
+        run(2)
+    images_done, elapsed, steps = 0, 0.0, 2
+    while elapsed < seconds:
+        n, s = run(steps)
+        images_done += n
+        elapsed += s
+        steps = min(steps * 2, 64)
+    rate = images_done / elapsed
+    log(f"  {arch} @ {res}px, batch {batch}, {precision} on {device.type}: {rate:.1f} img/s")
+    return rate
+
+
+# --------------------------------------------------------------------------- report
+
+def projection(per_core: dict) -> dict:
+    """{px: (stock ffcv img/s per core, ours per core)} -> cores per H100 at the px with a reference
+    ceiling: the H100's ResNet-50 model-only rate divided by the per-core loader rate."""
+    return {r: {"h100_img_s": H100_RESNET50_IMG_S[r],
+                "ffcv_cores": H100_RESNET50_IMG_S[r] / f if f else None,
+                "ours_cores": H100_RESNET50_IMG_S[r] / o if o else None}
+            for r, (f, o) in per_core.items() if r in H100_RESNET50_IMG_S}
+
+
+def ratio(a, b):
+    return a / b if a and b and np.isfinite(a) and np.isfinite(b) else None
+
+
+def build_table(r: dict) -> str:
+    rows = [
+        ("this toolkit, crop-first decoder (recommended file)", "loader_1core_img_s", "loader_img_s"),
+        ("stock ffcv 1.0.2, same file", "ffcv_loader_1core_img_s", "ffcv_loader_img_s"),
+        ("stock ffcv 1.0.2, 50%-raw file (rn50 recipe)", "ffcv_raw50_loader_1core_img_s", "ffcv_raw50_loader_img_s"),
+        ("torchvision ImageFolder + DataLoader (PIL)", "torchvision_loader_1core_img_s", "torchvision_loader_img_s"),
+        ("NVIDIA DALI CPU (image_random_crop)", "dali_loader_1core_img_s", "dali_loader_img_s"),
+    ]
+    w = r["workers"]
+    out = [f"| loader, RandomResizedCrop {r['resolution']} + flip | img/s, 1 worker | img/s, {w} workers |",
+           "|---|---|---|"]
+    for name, one, all_ in rows:
+        if one in r or all_ in r:
+            out.append(f"| {name} | {_fmt(r.get(one))} | {_fmt(r.get(all_))} |")
+    out += ["", "| ratio | 1 worker | all workers |", "|---|---|---|"]
+    for name, num, den in (("this / stock ffcv, same file", "loader", "ffcv_loader"),
+                           ("this / stock ffcv, 50%-raw file", "loader", "ffcv_raw50_loader"),
+                           ("this / torchvision", "loader", "torchvision_loader")):
+        out.append(f"| {name} | {_fmtr(ratio(r.get(num + '_1core_img_s'), r.get(den + '_1core_img_s')))} "
+                   f"| {_fmtr(ratio(r.get(num + '_img_s'), r.get(den + '_img_s')))} |")
+    for res in r.get("extra_resolutions", []):
+        out.append(f"| this / stock ffcv, same file, {res} px | "
+                   f"{_fmtr(ratio(r.get(f'loader_1core_img_s_{res}'), r.get(f'ffcv_loader_1core_img_s_{res}')))} | |")
+    out += ["", "| training | img/s |", "|---|---|",
+            f"| model only ({r['arch']} @ {r['model_resolution']} px, batch on the device) | {_fmt(r.get('model_img_s'))} |",
+            f"| end to end (this loader -> same training step) | {_fmt(r.get('e2e_img_s'))} |",
+            f"| end to end / model only | {_fmtr(ratio(r.get('e2e_img_s'), r.get('model_img_s')))} |",
+            "", "| writer, same folder and options (JPEG q90, max side 500) | img/s |", "|---|---|",
+            f"| ffcv-imagenet write ({r['workers']} workers) | {_fmt(r.get('writer_img_s'))} |",
+            f"| ffcv 1.0.2 DatasetWriter ({r['workers']} workers) | {_fmt(r.get('ffcv_writer_img_s'))} |"]
+    sizes = r.get("file_sizes", {})
+    if sizes:
+        out += ["", "| file | bytes on disk | image bytes |", "|---|---|---|"]
+        for name, info in sizes.items():
+            out.append(f"| {name} | {info['file_bytes']:,} | {info['payload_bytes']:,} |")
+    levers = r.get("levers_1core_img_s")
+    if levers:
+        base = levers.get("none")
+        out += ["", "| crop-first decoder, 1 worker | img/s | vs no lever |", "|---|---|---|"]
+        for name, rate in levers.items():
+            out.append(f"| {name} | {_fmt(rate)} | {_fmtr(ratio(rate, base))} |")
+    projection = r.get("projection")
+    if projection:
+        out += ["", "Projection (not a measurement): CPU cores needed per H100 to feed ResNet-50 = the "
+                "H100's model-only rate (reference, ANCHORS.md) / the loader's per-core rate measured here.",
+                "", "| px | H100 ResNet-50 img/s (reference) | stock ffcv cores/GPU | this toolkit cores/GPU |",
+                "|---|---|---|---|"]
+        for res, p in projection.items():
+            out.append(f"| {res} | {p['h100_img_s']:,} | {_fmtc(p.get('ffcv_cores'))} | {_fmtc(p.get('ours_cores'))} |")
+    return "\n".join(out)
+
+
+def _fmt(x):
+    return "–" if x is None or not np.isfinite(x) else f"{x:,.0f}" if x >= 100 else f"{x:.1f}"
+
+
+def _fmtr(x):
+    return "–" if x is None else f"{x:.2f}x"
+
+
+def _fmtc(x):
+    return "–" if x is None else f"{x:.1f}"
+
+
+def machine() -> dict:
+    cpu = platform.processor() or ""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import torch
+
+    return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "python": platform.python_version(),
+            "torch": torch.__version__, "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+# --------------------------------------------------------------------------- main
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(
+        prog="ffcv-imagenet bench",
+        description="Loader, writer and training throughput on the same images, in one run, as ratios "
+                    "(this toolkit vs stock ffcv 1.0.2, ffcv's 50%-raw files, torchvision, DALI).")
+    p.add_argument("--images", default=None,
+                   help="folder of JPEGs to use (searched recursively; e.g. ../shared/data/imagenet-samples-315); "
+                        "default: photo-like synthetic images")
+    p.add_argument("--distinct", type=int, default=None,
+                   help="distinct images (default: all of --images, or 64 synthetic; --quick: 24)")
+    p.add_argument("--count", type=int, default=None,
+                   help="images after replication by hard links (default 3150; --quick: 192)")
+    p.add_argument("--res", type=int, default=None, help="training crop in px (default 160; --quick: 64)")
+    p.add_argument("--extra-res", default=None,
+                   help="more crops for per-core rates and the projection, comma-separated "
+                        "(default 192,224; --quick: none)")
+    p.add_argument("--batch-size", type=int, default=None, help="loader batch (default 128; --quick: 32)")
+    p.add_argument("--workers", type=int, default=0, help="'all cores' worker count (default: all cores)")
+    p.add_argument("--seconds", type=float, default=None,
+                   help="minimum timed seconds per loader configuration (default 8; --quick: 0.5)")
+    p.add_argument("--arch", default=None, help="model for the training rates (default resnet50; --quick: resnet18)")
+    p.add_argument("--model-res", type=int, default=None, help="model resolution (default: --res)")
+    p.add_argument("--model-batch", type=int, default=None, help="training batch (default 64 on CPU, 256 on CUDA; --quick: 8)")
+    p.add_argument("--train-seconds", type=float, default=None,
+                   help="minimum timed seconds for each training rate (default 20; --quick: 1)")
+    p.add_argument("--restart-interval", type=int, default=None,
+                   help="writer's restart interval for this toolkit's file (default: the writer's)")
+    p.add_argument("--no-levers", action="store_true", help="skip the one-lever-at-a-time study")
+    p.add_argument("--skip", default="", help="comma-separated parts to skip: torchvision,dali,training,writer")
+    p.add_argument("--workdir", default=None, help="keep the images and .beton files here (default: a temp dir, removed)")
+    p.add_argument("--json", default=None, help="write every rate, size and ratio to this JSON file")
+    p.add_argument("--quick", action="store_true",
+                   help="small, fast run (CI): 192 tiny-model images at 64 px, no lever study")
+    args = p.parse_args(argv)
+    quick = args.quick
+    defaults = dict(distinct=24 if quick else (0 if args.images else 64), count=192 if quick else 3150,
+                    res=64 if quick else 160, extra_res="" if quick else "192,224",
+                    batch_size=32 if quick else 128, seconds=0.5 if quick else 8.0,
+                    arch="resnet18" if quick else "resnet50", train_seconds=1.0 if quick else 20.0)
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if quick:
+        args.no_levers = True  # seven more compiled loaders; the full run measures them
+    args.extra_res = [int(x) for x in str(args.extra_res).split(",") if x.strip()]
+    args.skip = {x.strip() for x in args.skip.split(",") if x.strip()}
+    unknown = args.skip - {"torchvision", "dali", "training", "writer"}
+    if unknown:
+        p.error(f"--skip: unknown part(s) {sorted(unknown)}; choose from torchvision, dali, training, writer")
+    if args.images and not Path(args.images).is_dir():
+        p.error(f"--images {args.images}: not a folder")
+    return args
+
+
+def run(args, log=print) -> dict:
+    import torch
+
+    from . import fastjpeg
+    from .writer import RESTART_INTERVAL_DEFAULT
+
+    cores = len(os.sched_getaffinity(0))
+    workers = args.workers or cores
+    restart = RESTART_INTERVAL_DEFAULT if args.restart_interval is None else args.restart_interval
+    workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="ffcv_imagenet_bench_"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    result = {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "command": "ffcv-imagenet bench " + " ".join(args.argv),
+              "machine": machine(), "workers": workers, "resolution": args.res,
+              "batch_size": args.batch_size, "arch": args.arch,
+              "model_resolution": args.model_res or args.res, "restart_interval": restart,
+              "decoder_levers": sorted(k for k, v in fastjpeg.LEVERS.items() if v & fastjpeg.DEFAULT_LEVERS),
+              "extra_resolutions": args.extra_res}
+    try:
+        folder = workdir / "images"
+        if folder.exists():
+            shutil.rmtree(folder)
+        log(f"[bench] preparing {args.count} images in {folder}")
+        result["images"] = prepare_images(folder, args.images, args.distinct, args.count)
+
+        ours, ffcv_jpg, raw50 = workdir / "ours.beton", workdir / "ffcv_jpg.beton", workdir / "ffcv_raw50.beton"
+        log("[bench] writing .beton files (ours: JPEG q90 + restart markers; ffcv: JPEG q90; ffcv: 50% raw)")
+        t_ours = write_ours(folder, ours, workers, restart)
+        t_ffcv = write_ffcv(folder, ffcv_jpg, workers)
+        write_ffcv(folder, raw50, workers, write_mode="proportion")
+        n = result["images"]["count"]
+        if "writer" not in args.skip:
+            result["writer_img_s"] = n / t_ours
+            result["ffcv_writer_img_s"] = n / t_ffcv
+        result["file_sizes"] = {name: {"file_bytes": os.path.getsize(p), "payload_bytes": payload_bytes(p)}
+                                for name, p in (("this toolkit (JPEG q90, restart markers)", ours),
+                                                ("ffcv, JPEG q90", ffcv_jpg),
+                                                ("ffcv, 50% raw (rn50 recipe)", raw50))}
+        sizes = list(result["file_sizes"].values())
+        result["restart_marker_overhead"] = sizes[0]["payload_bytes"] / sizes[1]["payload_bytes"] - 1
+        result["raw50_size_ratio"] = sizes[2]["file_bytes"] / sizes[0]["file_bytes"]
+
+        res, bs = args.res, args.batch_size
+        passes = [Pass("loader_1core_img_s", ours_loader(ours, res, bs, 1), "this toolkit, 1 worker"),
+                  Pass("ffcv_loader_1core_img_s", ffcv_loader(ours, res, bs, 1), "stock ffcv, same file, 1 worker"),
+                  Pass("ffcv_raw50_loader_1core_img_s", ffcv_loader(raw50, res, bs, 1), "stock ffcv, 50%-raw file, 1 worker")]
+        if workers > 1:
+            passes += [Pass("loader_img_s", ours_loader(ours, res, bs, workers), f"this toolkit, {workers} workers"),
+                       Pass("ffcv_loader_img_s", ffcv_loader(ours, res, bs, workers), f"stock ffcv, same file, {workers} workers"),
+                       Pass("ffcv_raw50_loader_img_s", ffcv_loader(raw50, res, bs, workers), f"stock ffcv, 50%-raw file, {workers} workers")]
+        if "torchvision" not in args.skip:
+            passes.append(Pass("torchvision_loader_1core_img_s", torchvision_loader(folder, res, bs, 1), "torchvision, 1 worker"))
+            if workers > 1:
+                passes.append(Pass("torchvision_loader_img_s", torchvision_loader(folder, res, bs, workers), f"torchvision, {workers} workers"))
+        if "dali" not in args.skip and dali_available():
+            passes.append(Pass("dali_loader_1core_img_s", dali_loader(folder, res, bs, 1), "DALI CPU, 1 thread"))
+            if workers > 1:
+                passes.append(Pass("dali_loader_img_s", dali_loader(folder, res, bs, workers), f"DALI CPU, {workers} threads"))
+        elif "dali" not in args.skip:
+            log("[bench] DALI: not installed (pip install 'ffcv-imagenet[dali]'); skipped")
+        log(f"[bench] loaders at {res} px, batch {bs}")
+        result.update(measure(passes, args.seconds, log=log))
+        if workers == 1:
+            for key in ("loader", "ffcv_loader", "ffcv_raw50_loader", "torchvision_loader", "dali_loader"):
+                if f"{key}_1core_img_s" in result:
+                    result[f"{key}_img_s"] = result[f"{key}_1core_img_s"]
+        del passes
+
+        if not args.no_levers:
+            log("[bench] decoder levers, one at a time, 1 worker")
+            studies = [("none", 0), ("region", fastjpeg.REGION), ("splice", fastjpeg.SPLICE),
+                       ("scale", fastjpeg.SCALE | fastjpeg.POW2_SCALES),
+                       ("splice+region", fastjpeg.SPLICE | fastjpeg.REGION),
+                       ("splice+region+scale", fastjpeg.ALL_LEVERS | fastjpeg.POW2_SCALES)]
+            lever_passes = [Pass(name, ours_loader(ours, res, bs, 1, flags), f"crop-first: {name}") for name, flags in studies]
+            lever_passes.append(Pass("region, file without restart markers", ours_loader(ffcv_jpg, res, bs, 1, fastjpeg.DEFAULT_LEVERS),
+                                     "crop-first default levers, ffcv's JPEG file (no markers)"))
+            result["levers_1core_img_s"] = measure(lever_passes, args.seconds, log=log)
+            del lever_passes
+
+        if args.extra_res:
+            log(f"[bench] per-core rates at {', '.join(map(str, args.extra_res))} px")
+            extra = []
+            for r in args.extra_res:
+                extra += [Pass(f"loader_1core_img_s_{r}", ours_loader(ours, r, bs, 1), f"this toolkit, 1 worker, {r} px"),
+                          Pass(f"ffcv_loader_1core_img_s_{r}", ffcv_loader(ours, r, bs, 1), f"stock ffcv, 1 worker, {r} px")]
+            result.update(measure(extra, args.seconds, log=log))
+            del extra
+        per_core = {res: (result.get("ffcv_loader_1core_img_s"), result.get("loader_1core_img_s"))}
+        for r in args.extra_res:
+            per_core[r] = (result.get(f"ffcv_loader_1core_img_s_{r}"), result.get(f"loader_1core_img_s_{r}"))
+        result["projection"] = projection(per_core)
+
+        if "training" not in args.skip:
+            model_res = args.model_res or res
+            batch = args.model_batch or (256 if torch.cuda.is_available() else (8 if args.quick else 64))
+            log(f"[bench] training rates: {args.arch} @ {model_res} px, batch {batch}")
+            result["model_batch"] = batch
+            result["model_img_s"] = training_rate(args.arch, model_res, batch, args.train_seconds, log=log)
+            import torch as _t
+
+            from . import data
+
+            device = _t.device("cuda" if _t.cuda.is_available() else "cpu")
+            loader = data.create_train_loader(ours, batch_size=batch, resolution_px=model_res,
+                                              num_workers=workers, device=device,
+                                              torch_threads=_t.get_num_threads())
+            result["e2e_img_s"] = training_rate(args.arch, model_res, batch, args.train_seconds,
+                                                batches=loader, log=log)
+    finally:
+        if not args.workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+    result["ratios"] = {
+        "this_over_ffcv_same_file_1core": ratio(result.get("loader_1core_img_s"), result.get("ffcv_loader_1core_img_s")),
+        "this_over_ffcv_same_file": ratio(result.get("loader_img_s"), result.get("ffcv_loader_img_s")),
+        "this_over_ffcv_raw50_1core": ratio(result.get("loader_1core_img_s"), result.get("ffcv_raw50_loader_1core_img_s")),
+        "this_over_ffcv_raw50": ratio(result.get("loader_img_s"), result.get("ffcv_raw50_loader_img_s")),
+        "this_over_torchvision": ratio(result.get("loader_img_s"), result.get("torchvision_loader_img_s")),
+        "e2e_over_model": ratio(result.get("e2e_img_s"), result.get("model_img_s")),
+    }
+    for r in args.extra_res:
+        result["ratios"][f"this_over_ffcv_same_file_1core_{r}"] = ratio(
+            result.get(f"loader_1core_img_s_{r}"), result.get(f"ffcv_loader_1core_img_s_{r}"))
+    return result
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    args.argv = argv
+    result = run(args)
+    m = result["machine"]
+    print(f"\nffcv-imagenet bench, {result['date']}, {m['cpu']} ({m['cores']} cores), "
+          f"{result['images']['count']} images ({result['images']['distinct']} distinct, "
+          f"{result['images']['source']})\ncommand: {result['command']}\n")
+    print(build_table(result))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=1, default=str) + "\n")
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

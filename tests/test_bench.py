@@ -1,0 +1,56 @@
+"""`ffcv-imagenet bench --quick`: every measurement runs and lands in the JSON and the table."""
+
+import json
+import math
+
+import pytest
+
+from ffcv_imagenet import bench
+
+REQUIRED = ("loader_img_s", "loader_1core_img_s", "ffcv_loader_img_s", "ffcv_loader_1core_img_s",
+            "ffcv_raw50_loader_img_s", "torchvision_loader_img_s", "model_img_s", "e2e_img_s",
+            "writer_img_s", "ffcv_writer_img_s")
+
+
+@pytest.mark.slow
+def test_bench_quick_measures_everything(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert bench.main(["--quick", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    for key in REQUIRED:
+        assert result[key] > 0 and math.isfinite(result[key]), key
+    assert ("dali_loader_img_s" in result) == bench.dali_available()
+    sizes = result["file_sizes"]
+    assert len(sizes) == 3 and all(v["file_bytes"] >= v["payload_bytes"] > 0 for v in sizes.values())
+    ours, ffcv_jpg, raw50 = (v["payload_bytes"] for v in sizes.values())
+    assert raw50 > 2 * ffcv_jpg        # half the images as raw pixels
+    assert ours >= ffcv_jpg * 0.9      # same images and quality; restart markers add a little
+    ratios = result["ratios"]
+    assert ratios["this_over_ffcv_same_file"] == pytest.approx(
+        result["loader_img_s"] / result["ffcv_loader_img_s"])
+    assert 0 < ratios["e2e_over_model"] < 1.5
+    assert result["images"]["count"] == 192 and result["images"]["distinct"] == 24
+    printed = capsys.readouterr().out
+    assert "| this / stock ffcv, same file |" in printed and "ffcv-imagenet write" in printed
+    assert "command: ffcv-imagenet bench --quick --json" in printed
+
+
+def test_bench_options_are_checked(tmp_path):
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--skip", "torchvision,gpu"])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--images", str(tmp_path / "missing")])
+    args = bench.parse_args(["--quick", "--extra-res", "96"])
+    assert args.extra_res == [96] and args.no_levers and args.res == 64
+
+
+def test_projection_uses_the_h100_reference_and_per_core_rates():
+    p = bench.projection({160: (1000.0, 1500.0), 224: (800.0, None), 96: (5000.0, 6000.0)})
+    assert set(p) == {160, 224}  # no H100 reference at 96 px
+    assert p[160] == {"h100_img_s": 7815, "ffcv_cores": 7.815, "ours_cores": 5.21}
+    assert p[224]["ours_cores"] is None
+    table = bench.build_table({
+        "workers": 2, "resolution": 160, "arch": "resnet50", "model_resolution": 160,
+        "loader_1core_img_s": 1500.0, "ffcv_loader_1core_img_s": 1000.0, "projection": p})
+    assert "| this / stock ffcv, same file | 1.50x |" in table
+    assert "| 160 | 7,815 | 7.8 | 5.2 |" in table
