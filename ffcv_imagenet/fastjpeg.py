@@ -19,6 +19,11 @@ import ctypes
 from ctypes import c_uint32, c_uint64, c_void_p
 
 import numpy as np
+
+from ._ffcv import preload  # isort: skip
+
+preload()  # before any ffcv import (see _ffcv.py)
+
 from ffcv.fields.rgb_image import IMAGE_MODES, ResizedCropRGBImageDecoder, get_random_crop
 from ffcv.libffcv import imdecode, resize_crop
 from ffcv.pipeline.allocation_query import AllocationQuery

@@ -1,0 +1,24 @@
+"""Import ffcv without its start-up tax.
+
+ffcv 1.0.2's `ffcv.fields.rgb_image` builds a two-entry table (`IMAGE_MODES`, 'jpg' -> 0, 'raw' -> 1)
+as a numba typed Dict when it is imported, and a typed Dict JIT-compiles numba's dictionary code:
+about 2-3 s of every process's start-up, before any data is touched. ffcv only ever reads that
+table from Python (never inside compiled code), so a plain dict serves. `preload()` imports ffcv's
+image field once with numba.typed.Dict standing in as dict; modules that import ffcv at their top
+call it first. Anything else that imports ffcv earlier just pays the usual cost.
+"""
+
+import sys
+
+
+def preload() -> None:
+    if "ffcv.fields.rgb_image" in sys.modules:
+        return
+    import numba.typed
+
+    typed_dict = numba.typed.Dict
+    numba.typed.Dict = dict
+    try:
+        import ffcv.fields.rgb_image  # noqa: F401
+    finally:
+        numba.typed.Dict = typed_dict
