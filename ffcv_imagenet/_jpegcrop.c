@@ -195,10 +195,11 @@ static uint32_t jc_pick_scale(uint32_t crop_h, uint32_t crop_w, uint32_t out_h, 
 
 /* Decode box (y, x, h, w) of the JPEG in src at scale m/8, into dst as rows of `*stride` RGB pixels.
  * region[0..3] receive the box in dst's coordinates: top, left, bottom, right (exclusive); see
- * jc_decode_crop for the rest. */
+ * jc_decode_crop for the rest. strict: a libjpeg warning (corrupt data) is an error, used for
+ * spliced streams so that any splice fault falls back to the original stream. */
 static int jc_decode_box(const uint8_t *src, uint64_t len, uint32_t y, uint32_t x, uint32_t h,
                          uint32_t w, uint32_t m, uint32_t flags, uint8_t *dst, uint64_t cap,
-                         int32_t *region) {
+                         int32_t *region, int strict) {
     struct jpeg_decompress_struct cinfo;
     struct jc_error jerr;
     int status = 0;
@@ -219,22 +220,27 @@ static int jc_decode_box(const uint8_t *src, uint64_t len, uint32_t y, uint32_t 
     cinfo.scale_denom = 8;
     jpeg_start_decompress(&cinfo);
     {
-        uint32_t full_w = cinfo.image_width, full_h = cinfo.image_height;
         uint32_t ow = cinfo.output_width, oh = cinfo.output_height;
-        /* the box in output (scaled) coordinates, rounded to the nearest pixel: at scale m/8 the
-         * realised box moves by at most 4/m source pixels per edge (0 at m = 8) */
-        uint32_t sy0 = (uint32_t)(((uint64_t)y * oh * 2 + full_h) / (2 * (uint64_t)full_h));
-        uint32_t sx0 = (uint32_t)(((uint64_t)x * ow * 2 + full_w) / (2 * (uint64_t)full_w));
-        uint32_t sy1 = (uint32_t)(((uint64_t)(y + h) * oh * 2 + full_h) / (2 * (uint64_t)full_h));
-        uint32_t sx1 = (uint32_t)(((uint64_t)(x + w) * ow * 2 + full_w) / (2 * (uint64_t)full_w));
+        /* the box in output coordinates: at scale m/8 each 8-pixel block becomes m pixels; rounded
+         * to the nearest pixel, so an edge moves by at most 4/m source pixels (none at m = 8) */
+        uint32_t sy0 = (uint32_t)(((uint64_t)y * m + 4) / 8);
+        uint32_t sx0 = (uint32_t)(((uint64_t)x * m + 4) / 8);
+        uint32_t sy1 = (uint32_t)(((uint64_t)(y + h) * m + 4) / 8);
+        uint32_t sx1 = (uint32_t)(((uint64_t)(x + w) * m + 4) / 8);
         JDIMENSION xoff = 0, cw = ow;
+        if (oh == 0 || ow == 0) longjmp(jerr.jump, 1);
+        if (sy0 > oh - 1) sy0 = oh - 1;
+        if (sx0 > ow - 1) sx0 = ow - 1;
         if (sy1 > oh) sy1 = oh;
         if (sx1 > ow) sx1 = ow;
         if (sy1 <= sy0) sy1 = sy0 + 1;
         if (sx1 <= sx0) sx1 = sx0 + 1;
         if ((flags & JC_REGION) && (sx0 > 0 || sx1 < ow)) {
-            xoff = sx0;
-            cw = sx1 - sx0;
+            /* two extra columns each side: smooth chroma upsampling treats the cropped columns'
+             * edges as image edges, which would change the box's outer pixels */
+            uint32_t c0 = sx0 > 2 ? sx0 - 2 : 0, c1 = sx1 + 2 < ow ? sx1 + 2 : ow;
+            xoff = c0;
+            cw = c1 - c0;
             jpeg_crop_scanline(&cinfo, &xoff, &cw);   /* widened to iMCU boundaries */
         }
         uint32_t first_row = (flags & JC_REGION) ? sy0 : 0;
@@ -249,8 +255,12 @@ static int jc_decode_box(const uint8_t *src, uint64_t len, uint32_t y, uint32_t 
             }
             while (cinfo.output_scanline < last_row) {
                 JSAMPROW row = dst + (uint64_t)(cinfo.output_scanline - first_row) * stride;
-                jpeg_read_scanlines(&cinfo, &row, 1);
+                if (jpeg_read_scanlines(&cinfo, &row, 1) != 1) {   /* no progress: give up */
+                    status = JC_E_DECODE;
+                    break;
+                }
             }
+            if (strict && jerr.pub.num_warnings > 0) status = JC_E_DECODE;
             region[0] = (int32_t)(sy0 - first_row);
             region[1] = (int32_t)(sx0 - xoff);
             region[2] = (int32_t)(sy1 - first_row);
@@ -269,15 +279,16 @@ static int jc_decode_box(const uint8_t *src, uint64_t len, uint32_t y, uint32_t 
 /*
  * Decode what RandomResizedCrop box (y, x, h, w) of an img_h x img_w JPEG needs for an
  * out_h x out_w output. dst (capacity cap bytes) receives RGB rows; region[0..7] = box top, left,
- * bottom, right in dst, dst's rows and columns, the IDCT scale m (of 8) and the decoded height. Returns 0 when a JPEG was spliced, 1 when the
- * original stream was decoded (no restart markers, or a splice that would not fit), < 0 on error.
+ * bottom, right in dst, dst's rows and columns, the IDCT scale m (of 8) and the decoded height.
+ * Returns 0 when a JPEG was spliced, 1 when the original stream was decoded (no restart markers,
+ * or a splice that would not fit or failed), < 0 on error.
  * The spliced stream is built at the end of dst, behind the pixels, so no extra memory is needed.
  */
 int jc_decode_crop(const uint8_t *src, uint64_t len, uint32_t img_h, uint32_t img_w,
                    uint32_t y, uint32_t x, uint32_t h, uint32_t w,
                    uint32_t out_h, uint32_t out_w, uint32_t flags,
                    uint8_t *dst, uint64_t cap, int32_t *region) {
-    if (h == 0 || w == 0 || y + h > img_h || x + w > img_w) return JC_E_ARGS;
+    if (h == 0 || w == 0 || (uint64_t)y + h > img_h || (uint64_t)x + w > img_w) return JC_E_ARGS;
     uint32_t m = jc_pick_scale(h, w, out_h, out_w, flags);
     if (flags & JC_SPLICE) {
         struct jc_layout lay;
@@ -286,12 +297,20 @@ int jc_decode_crop(const uint8_t *src, uint64_t len, uint32_t img_h, uint32_t im
             if (mcus_x % lay.restart == 0) {
                 uint32_t seg_per_row = mcus_x / lay.restart;
                 uint32_t band_w = lay.restart * lay.mcu_w;
-                uint32_t r0 = y / lay.mcu_h, r1 = (y + h - 1) / lay.mcu_h;
-                uint32_t c0 = x / band_w, c1 = (x + w - 1) / band_w;
+                /* cut at least one output pixel (2 at full scale) away from the box: smooth chroma
+                 * upsampling treats the spliced image's edges as image edges */
+                uint32_t pad = 16 / m;
+                uint32_t mcus_y = (lay.height + lay.mcu_h - 1) / lay.mcu_h;
+                uint32_t r0 = (y > pad ? y - pad : 0) / lay.mcu_h;
+                uint32_t r1 = (y + h - 1 + pad) / lay.mcu_h;
+                uint32_t c0 = (x > pad ? x - pad : 0) / band_w;
+                uint32_t c1 = (x + w - 1 + pad) / band_w;
+                if (r1 >= mcus_y) r1 = mcus_y - 1;
+                if (c1 >= seg_per_row) c1 = seg_per_row - 1;
                 /* the spliced image's pixels at scale m bound what the decode writes; the rest of dst
                  * holds the stream */
-                uint64_t nh = (uint64_t)(r1 - r0 + 1) * lay.mcu_h, nw = (uint64_t)(c1 - c0 + 1) * band_w;
-                uint64_t px = ((nh * m + 7) / 8) * ((nw * m + 7) / 8) * 3;
+                uint64_t sh = (uint64_t)(r1 - r0 + 1) * lay.mcu_h, sw = (uint64_t)(c1 - c0 + 1) * band_w;
+                uint64_t px = ((sh * m + 7) / 8) * ((sw * m + 7) / 8) * 3;
                 uint64_t room = cap > px ? cap - px : 0;
                 if (room > len / 8 + 64) {
                     uint8_t *stream = dst + (cap - room);
@@ -299,14 +318,14 @@ int jc_decode_crop(const uint8_t *src, uint64_t len, uint32_t img_h, uint32_t im
                     uint64_t n = jc_splice(src, len, &lay, r0, r1, c0, c1, seg_per_row, stream, room, &nh, &nw);
                     if (n > 0) {
                         uint32_t oy = y - r0 * lay.mcu_h, ox = x - c0 * band_w;
-                        int rc = jc_decode_box(stream, n, oy, ox, h, w, m, flags, dst, cap - room, region);
+                        int rc = jc_decode_box(stream, n, oy, ox, h, w, m, flags, dst, cap - room, region, 1);
                         if (rc == 0) return 0;
                     }
                 }
             }
         }
     }
-    int rc = jc_decode_box(src, len, y, x, h, w, m, flags, dst, cap, region);
+    int rc = jc_decode_box(src, len, y, x, h, w, m, flags, dst, cap, region, 0);
     return rc == 0 ? 1 : rc;
 }
 

@@ -70,8 +70,8 @@ def test_full_decode_is_ffcvs_decode(images):
 
 @pytest.mark.parametrize("levers", ["region", "splice", "splice,region"])
 def test_region_and_splice_give_the_full_decodes_crop(images, levers):
-    """Decoding only the box's segments/rows/columns changes pixels only by rounding at the box's
-    border (chroma upsampling without the neighbouring MCU): > 40 dB on every box."""
+    """Decoding only the box's segments/rows/columns gives the very pixels of the full decode's
+    crop: the cuts keep a margin, so chroma upsampling at the cut never reaches the box."""
     flags = fj.parse_levers(levers)
     rng = np.random.default_rng(1)
     for image in images:
@@ -80,7 +80,7 @@ def test_region_and_splice_give_the_full_decodes_crop(images, levers):
             for out in ((64, 64), (160, 160), (37, 50)):
                 full = fj.decode_box_numpy(data, box, out, flags=0)
                 part = fj.decode_box_numpy(data, box, out, flags=flags)
-                assert psnr(part, full) > 40, (image.shape, box, out, levers)
+                np.testing.assert_array_equal(part, full, err_msg=f"{image.shape} {box} {out} {levers}")
 
 
 def test_splice_needs_markers_and_falls_back_without_them(images):
@@ -110,7 +110,7 @@ def test_grayscale_and_progressive_jpegs(images):
         for box in random_boxes(h, w, 10, np.random.default_rng(2)):
             full = fj.decode_box_numpy(data, box, (48, 48), flags=0)
             part = fj.decode_box_numpy(data, box, (48, 48), flags=fj.SPLICE | fj.REGION)
-            assert psnr(part, full) > 40
+            np.testing.assert_array_equal(part, full)
 
 
 def test_reduced_scale_decode_stays_close(images):
@@ -143,6 +143,20 @@ def test_bad_input_is_an_error_not_a_crash(images):
                             fj.ALL_LEVERS, dst, region)
         assert rc in (-1, 0, 1)  # a truncated scan decodes as grey (libjpeg warns); garbage is -1
     assert fj.decode_crop(data, 375, 500, 300, 0, 100, 10, 64, 64, fj.ALL_LEVERS, dst, region) == -3
+    # a box on the bottom row at scale 1/8, and metadata taller than the JPEG, once made the row
+    # loop spin forever (libjpeg returns no row past the end); run them in a thread with a deadline
+    import threading
+
+    grey = encode_jpeg(np.full((800, 600, 3), 128, np.uint8), 90, 0)
+    big = np.empty(850 * 600 * 3, np.uint8)
+    codes = []
+    calls = [(800, 600, 799, 0, 1, 600, 1, 1, fj.SCALE | fj.REGION | (1 << 8)),
+             (850, 600, 820, 0, 10, 600, 10, 10, fj.REGION)]
+    worker = threading.Thread(target=lambda: codes.extend(
+        fj.decode_crop(grey, *c[:8], c[8], big, region) for c in calls), daemon=True)
+    worker.start()
+    worker.join(20)
+    assert not worker.is_alive() and len(codes) == 2 and all(c in (-1, 1) for c in codes)
     with pytest.raises(ValueError, match="unknown decoder lever 'fast'"):
         fj.parse_levers("splice,fast")
 
@@ -204,7 +218,7 @@ def _loader_batches(path, kind, levers, resolution=64, batches=3):
 def test_loader_crops_like_ffcv(tmp_path):
     """Through ffcv's Loader (numba, raw and JPEG samples mixed): seeded, the crop-first decoder draws
     the very boxes ffcv's RandomResizedCrop draws; without levers the batches are identical, with
-    splice + region they differ only at box borders; with scaling they stay close."""
+    splice + region too; with scaling they stay close."""
     from ffcv_imagenet.writer import write_dataset
 
     rng = np.random.default_rng(11)
@@ -224,6 +238,6 @@ def test_loader_crops_like_ffcv(tmp_path):
     same = _loader_batches(beton, "crop_first", 0)
     assert torch.equal(same, stock)
     spliced = _loader_batches(beton, "crop_first", fj.SPLICE | fj.REGION)
-    assert psnr(spliced.numpy(), stock.numpy()) > 45
+    assert torch.equal(spliced, stock)
     scaled = _loader_batches(beton, "crop_first", fj.ALL_LEVERS | fj.POW2_SCALES)
     assert psnr(scaled.numpy(), stock.numpy()) > 28
