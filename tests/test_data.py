@@ -194,3 +194,17 @@ def test_in_memory_warns_with_advice_when_the_file_exceeds_available_ram(betons,
         check_in_memory(train, in_memory=True)  # enough RAM: silent
         monkeypatch.setattr(psutil, "virtual_memory", lambda: memory(available=1024))
         check_in_memory(train, in_memory=False)  # not asked to cache: silent
+
+
+def test_ffcv_is_imported_without_numba_typed_dict_compilation():
+    """_ffcv.preload: ffcv's IMAGE_MODES becomes a plain dict (its typed Dict JIT costs 2-3 s of
+    start-up); numba.typed.Dict itself is left as it was; loaders and the writer still work
+    (the rest of this suite runs with it)."""
+    import subprocess
+    import sys
+
+    code = ("import ffcv_imagenet.data, ffcv.fields.rgb_image as r, numba.typed; "
+            "assert type(r.IMAGE_MODES) is dict and r.IMAGE_MODES == {'jpg': 0, 'raw': 1}; "
+            "assert numba.typed.Dict is not dict; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
