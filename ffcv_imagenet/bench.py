@@ -531,12 +531,14 @@ def run(args, log=print) -> dict:
         if not args.no_levers:
             log("[bench] decoder levers, one at a time, 1 worker")
             studies = [("none", 0), ("region", fastjpeg.REGION), ("splice", fastjpeg.SPLICE),
-                       ("scale", fastjpeg.SCALE | fastjpeg.POW2_SCALES),
+                       ("scale", fastjpeg.SCALE | fastjpeg.POW2_SCALES), ("resize", fastjpeg.RESIZE),
                        ("splice+region", fastjpeg.SPLICE | fastjpeg.REGION),
-                       ("splice+region+scale", fastjpeg.ALL_LEVERS | fastjpeg.POW2_SCALES)]
+                       ("splice+region+scale", fastjpeg.SPLICE | fastjpeg.REGION | fastjpeg.SCALE | fastjpeg.POW2_SCALES),
+                       ("all (default)", fastjpeg.DEFAULT_LEVERS)]
             lever_passes = [Pass(name, ours_loader(ours, res, bs, 1, flags), f"crop-first: {name}") for name, flags in studies]
-            lever_passes.append(Pass("region, file without restart markers", ours_loader(ffcv_jpg, res, bs, 1, fastjpeg.DEFAULT_LEVERS),
-                                     "crop-first default levers, ffcv's JPEG file (no markers)"))
+            lever_passes.append(Pass("all (default), file without restart markers",
+                                     ours_loader(ffcv_jpg, res, bs, 1, fastjpeg.DEFAULT_LEVERS),
+                                     "crop-first: all, ffcv's JPEG file (no markers)"))
             result["levers_1core_img_s"] = measure(lever_passes, args.seconds, log=log)
             del lever_passes
 

@@ -8,11 +8,14 @@ stream) and asks the C decoder for only what the box needs:
 - splice: with restart markers in the JPEG (the writer's `restart_interval`), only the entropy-coded
   segments covering the box are Huffman-decoded;
 - scale: the IDCT runs at the smallest scale M/8 whose output still covers the output size;
-- region: rows above and below and columns beside the box are neither transformed nor converted.
+- region: rows above and below and columns beside the box are neither transformed nor converted;
+- resize: the box is downscaled to the output by our C area filter, with the weights of OpenCV's
+  INTER_AREA (what ffcv's resize uses) at about half its cost; boxes smaller than the output
+  (upscaling) go to ffcv's resize.
 
-The decoded rectangle is then resized to the output with ffcv's resize (OpenCV INTER_AREA), as
-the stock decoder does. Raw (uncompressed) samples take ffcv's path unchanged. Each lever is a
-bit in `flags`, so the benchmark can measure it alone.
+Splice and region give the very pixels of a full decode's crop; scale and resize change a few (see
+the tests for the bounds). Raw (uncompressed) samples skip the decoding. Each lever is a bit in
+`flags`, so the benchmark can measure it alone.
 """
 
 import ctypes
@@ -31,16 +34,20 @@ from ffcv.pipeline.compiler import Compiler
 
 from . import _jpegcrop
 
-SPLICE, SCALE, REGION, POW2_SCALES = 1, 2, 4, 8
-ALL_LEVERS = SPLICE | SCALE | REGION
-DEFAULT_LEVERS = SPLICE | REGION | SCALE | POW2_SCALES  # the train decoder, unless told otherwise
-LEVERS = {"splice": SPLICE, "scale": SCALE, "region": REGION}
+SPLICE, SCALE, REGION, POW2_SCALES, RESIZE = 1, 2, 4, 8, 16
+ALL_LEVERS = SPLICE | SCALE | REGION | RESIZE
+DEFAULT_LEVERS = ALL_LEVERS | POW2_SCALES  # the train decoder, unless told otherwise
+LEVERS = {"splice": SPLICE, "scale": SCALE, "region": REGION, "resize": RESIZE}
 
 _lib = ctypes.CDLL(_jpegcrop.__file__)
 _c_decode_crop = _lib.jc_decode_crop
 _c_decode_crop.argtypes = [c_void_p, c_uint64, c_uint32, c_uint32, c_uint32, c_uint32, c_uint32,
                            c_uint32, c_uint32, c_uint32, c_uint32, c_void_p, c_uint64, c_void_p]
 _c_decode_crop.restype = ctypes.c_int
+_c_resize_area = _lib.jc_resize_area
+_c_resize_area.argtypes = [c_void_p, c_uint64, c_uint32, c_uint32, c_uint32, c_uint32, c_void_p,
+                           c_uint32, c_uint32]
+_c_resize_area.restype = ctypes.c_int
 _c_layout = _lib.jc_layout
 _c_layout.argtypes = [c_void_p, c_uint64, c_void_p]
 _c_layout.restype = ctypes.c_int
@@ -71,6 +78,14 @@ def decode_crop(source, height, width, y, x, h, w, out_h, out_w, flags, dst, reg
                           out_h, out_w, flags, dst.ctypes.data, dst.size, region.ctypes.data)
 
 
+def resize_area(pixels, stride, top, left, bottom, right, dst):
+    """Downscale box [top, bottom) x [left, right) of `pixels` (flat RGB rows of `stride` pixels) into
+    dst (out_h x out_w x 3, C-contiguous) with INTER_AREA weights; -1 when the box is smaller than
+    dst either way (then use OpenCV). Callable from numba (ctypes)."""
+    return _c_resize_area(pixels.ctypes.data, stride, top, left, bottom, right, dst.ctypes.data,
+                          dst.shape[0], dst.shape[1])
+
+
 def jpeg_layout(data: bytes) -> dict:
     """Restart interval and MCU geometry of a JPEG (for tests and `inspect`)."""
     buf = np.frombuffer(data, dtype=np.uint8)
@@ -93,6 +108,10 @@ def decode_box_numpy(data: bytes, box, out_size, flags: int = ALL_LEVERS) -> np.
     if rc < 0:
         raise ValueError(f"JPEG decode failed (code {rc})")
     top, left, bottom, right, rows, cols = (int(v) for v in region[:6])
+    if flags & RESIZE:
+        out = np.empty((out_size[0], out_size[1], 3), np.uint8)
+        if resize_area(dst, cols, top, left, bottom, right, out) == 0:
+            return out
     pixels = dst[:rows * cols * 3].reshape(rows, cols, 3)[top:bottom, left:right]
     return cv2.resize(pixels, (out_size[1], out_size[0]), interpolation=cv2.INTER_AREA)
 
@@ -129,6 +148,8 @@ class CropFirstRandomResizedCrop(ResizedCropRGBImageDecoder):
         mem_read = self.memory_read
         my_range = Compiler.get_iterator()
         decode_crop_c = Compiler.compile(decode_crop)
+        resize_area_c = Compiler.compile(resize_area)
+        fast_resize = bool(self.flags & RESIZE)
         imdecode_c = Compiler.compile(imdecode)
         resize_crop_c = Compiler.compile(resize_crop)
         get_crop_c = Compiler.compile(get_random_crop)
@@ -152,15 +173,19 @@ class CropFirstRandomResizedCrop(ResizedCropRGBImageDecoder):
                                        np.uint32(h), np.uint32(w), out_h, out_w, flags, temp, region)
                     if rc >= 0:
                         rows, cols = region[4], region[5]
-                        pixels = temp[:rows * cols * 3].reshape(rows, cols, 3)
-                        resize_crop_c(pixels, region[0], region[2], region[1], region[3],
-                                      destination[dst_ix])
+                        if not fast_resize or resize_area_c(
+                                temp, cols, region[0], region[1], region[2], region[3],
+                                destination[dst_ix]) != 0:
+                            pixels = temp[:rows * cols * 3].reshape(rows, cols, 3)
+                            resize_crop_c(pixels, region[0], region[2], region[1], region[3],
+                                          destination[dst_ix])
                     else:  # not decodable by libjpeg: ffcv's TurboJPEG path, as the stock decoder
                         imdecode_c(image_data, temp, height, width, height, width, 0, 0, 1, 1,
                                    False, False)
                         pixels = temp[:3 * height * width].reshape(height, width, 3)
                         resize_crop_c(pixels, i, i + h, j, j + w, destination[dst_ix])
-                else:
+                elif not fast_resize or resize_area_c(image_data, width, i, j, i + h, j + w,
+                                                      destination[dst_ix]) != 0:
                     pixels = image_data.reshape(height, width, 3)
                     resize_crop_c(pixels, i, i + h, j, j + w, destination[dst_ix])
             return destination[:len(batch_indices)]

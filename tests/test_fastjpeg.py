@@ -83,6 +83,31 @@ def test_region_and_splice_give_the_full_decodes_crop(images, levers):
                 np.testing.assert_array_equal(part, full, err_msg=f"{image.shape} {box} {out} {levers}")
 
 
+def test_area_resize_matches_opencvs_inter_area(images):
+    """The resize lever: OpenCV's INTER_AREA weights, rows filtered before columns; at most one level
+    off, on a tiny share of values; boxes smaller than the output are refused (OpenCV upsamples)."""
+    import cv2
+
+    rng = np.random.default_rng(4)
+    differing = total = 0
+    for image in images:
+        h_img, w_img = image.shape[:2]
+        for _ in range(40):
+            out_h, out_w = int(rng.integers(8, min(100, h_img) + 1)), int(rng.integers(8, min(100, w_img) + 1))
+            h, w = int(rng.integers(out_h, h_img + 1)), int(rng.integers(out_w, w_img + 1))
+            y, x = int(rng.integers(0, h_img - h + 1)), int(rng.integers(0, w_img - w + 1))
+            ours = np.empty((out_h, out_w, 3), np.uint8)
+            assert fj.resize_area(image.reshape(-1), w_img, y, x, y + h, x + w, ours) == 0
+            theirs = cv2.resize(image[y:y + h, x:x + w], (out_w, out_h), interpolation=cv2.INTER_AREA)
+            diff = np.abs(ours.astype(int) - theirs)
+            assert diff.max() <= 1
+            differing += int((diff > 0).sum())
+            total += diff.size
+    assert differing / total < 1e-3
+    small = np.empty((64, 64, 3), np.uint8)
+    assert fj.resize_area(images[0].reshape(-1), 500, 0, 0, 63, 300, small) == -1  # 63 rows < 64
+
+
 def test_splice_needs_markers_and_falls_back_without_them(images):
     image = images[0]
     with_markers = encode_jpeg(image, 90, 1)
@@ -218,7 +243,7 @@ def _loader_batches(path, kind, levers, resolution=64, batches=3):
 def test_loader_crops_like_ffcv(tmp_path):
     """Through ffcv's Loader (numba, raw and JPEG samples mixed): seeded, the crop-first decoder draws
     the very boxes ffcv's RandomResizedCrop draws; without levers the batches are identical, with
-    splice + region too; with scaling they stay close."""
+    splice + region too; the area resize is off by at most one level; with scaling they stay close."""
     from ffcv_imagenet.writer import write_dataset
 
     rng = np.random.default_rng(11)
@@ -239,5 +264,8 @@ def test_loader_crops_like_ffcv(tmp_path):
     assert torch.equal(same, stock)
     spliced = _loader_batches(beton, "crop_first", fj.SPLICE | fj.REGION)
     assert torch.equal(spliced, stock)
+    resized = _loader_batches(beton, "crop_first", fj.SPLICE | fj.REGION | fj.RESIZE)
+    assert (resized.int() - stock.int()).abs().max() <= 1  # raw samples go through it too
+    assert (resized != stock).float().mean() < 1e-3
     scaled = _loader_batches(beton, "crop_first", fj.ALL_LEVERS | fj.POW2_SCALES)
     assert psnr(scaled.numpy(), stock.numpy()) > 28
