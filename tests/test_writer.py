@@ -559,12 +559,12 @@ def test_write_imagenet_sh_picks_inputs_and_parameters(tmp_path):
     assert result.stdout.count("+ ") == 2  # prints what it runs
     train, val = commands
     for option in ("--cfg.max_resolution=500", "--cfg.write_mode=proportion",
-                   "--cfg.compress_probability=0.5", "--cfg.jpeg_quality=90"):
+                   "--cfg.compress_probability=1.0", "--cfg.jpeg_quality=90"):
         assert option in train.split() and option in val.split()
     assert f"--cfg.data_dir={imagenet}/ILSVRC2012_img_train.tar" in train
-    assert f"--cfg.write_path={out}/train_500_0.5_90.beton" in train
+    assert f"--cfg.write_path={out}/train_500_1.0_90.beton" in train
     assert f"--cfg.val_labels={imagenet}/LOC_val_solution.csv" in val
-    assert f"--cfg.classes={out}/train_500_0.5_90.beton" in val
+    assert f"--cfg.classes={out}/train_500_1.0_90.beton" in val
 
     (imagenet / "train" / "n01").mkdir(parents=True)
     (imagenet / "val" / "n01").mkdir(parents=True)  # val sorted into class folders: no labels
