@@ -276,11 +276,22 @@ def wait_for_workers(beton: Path, writer_pid: int, process=None, timeout_s=90) -
     while True:
         assert process is None or process.poll() is None, process.communicate()
         assert time.time() < deadline, "the writer never got to writing"
-        workers = psutil.Process(writer_pid).children()
+        # the writer's forked workers; not other children of this process, such as the
+        # multiprocessing resource tracker that an earlier test's ffcv DatasetWriter started
+        workers = [p for p in psutil.Process(writer_pid).children() if _not_a_tracker(p)]
         if partials(beton) and len(workers) == 2:
             time.sleep(0.3)  # let the free worker write the other chunks
             return workers
         time.sleep(0.05)
+
+
+def _not_a_tracker(process) -> bool:
+    import psutil
+
+    try:
+        return "resource_tracker" not in " ".join(process.cmdline())
+    except psutil.Error:  # exited meanwhile
+        return False
 
 
 def in_background(action, root: Path) -> threading.Thread:
