@@ -348,9 +348,16 @@ def test_interrupt_removes_the_partial(tmp_path, stop_signal, capsys):
         wait_for_workers(beton, os.getpid())
         os.kill(os.getpid(), stop_signal)
 
+    # A shell starting this test run in the background (`cmd &` without job control) makes the
+    # process ignore SIGINT, and Python keeps an ignored SIGINT ignored: Ctrl-C cannot happen
+    # there. Simulate a terminal's process with Python's usual handler.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     sender = in_background(interrupt, root)
-    rc = writer.main([f"--cfg.data_dir={root}", f"--cfg.write_path={beton}", "--cfg.split=train",
-                      "--cfg.num_workers=2", "--cfg.chunk_size=4", "--cfg.max_resolution=32"])
+    try:
+        rc = writer.main([f"--cfg.data_dir={root}", f"--cfg.write_path={beton}", "--cfg.split=train",
+                          "--cfg.num_workers=2", "--cfg.chunk_size=4", "--cfg.max_resolution=32"])
+    finally:
+        signal.signal(signal.SIGINT, previous)
     sender.join()
     assert rc == 130
     assert "interrupted; nothing was written" in capsys.readouterr().err
