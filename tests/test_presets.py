@@ -18,7 +18,8 @@ ANCHORS = ROOT.parent / "shared" / "ANCHORS.md"
 PRESETS = sorted(p for folder in ("rn50_configs", "rn18_configs") for p in (ROOT / folder).glob("*.yaml")
                  if not p.name.startswith("_"))
 DEMO_PRESET = ROOT / "ffcv_imagenet" / "presets" / "demo.yaml"
-ALL_PRESETS = PRESETS + [DEMO_PRESET]
+IMAGENETTE_PRESETS = sorted((ROOT / "imagenette_configs").glob("in128_*.yaml"))
+ALL_PRESETS = PRESETS + IMAGENETTE_PRESETS + [DEMO_PRESET]
 
 # From ../shared/ANCHORS.md ("Their rn50 recipe, as facts"): epochs -> (start_ramp, end_ramp).
 ANCHOR_RAMPS = {16: (11, 13), 24: (17, 20), 32: (23, 27), 40: (29, 34), 56: (41, 48), 88: (65, 76)}
@@ -56,7 +57,9 @@ def test_preset_loads_strictly_and_states_its_reference(preset):
     assert cfg["meta"]["config_file"] == str(preset)
     first_lines = preset.read_text().split("\n", 6)[:6]
     header = " ".join(line for line in first_lines if line.startswith("#"))
-    if preset != DEMO_PRESET:  # each ImageNet preset names its reference and where it comes from
+    if preset in IMAGENETTE_PRESETS:  # the leaderboard figure, labelled as a reference
+        assert "leaderboard" in header and "reference" in header, preset
+    elif preset != DEMO_PRESET:  # each ImageNet preset names its reference and where it comes from
         assert "ANCHORS.md" in header and "Reference" in header, preset
 
 
