@@ -81,10 +81,11 @@ def prepare_images(folder: Path, source, distinct: int, count: int, seed: int = 
 def _reencode(bgr: np.ndarray) -> bytes:
     import cv2
 
-    h, w = bgr.shape[:2]
-    scale = MAX_SIDE / max(h, w)
-    if scale < 1:
-        bgr = cv2.resize(bgr, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+    from .writer import target_size
+
+    size = target_size(bgr.shape[1], bgr.shape[0], MAX_SIDE)
+    if size != (bgr.shape[1], bgr.shape[0]):
+        bgr = cv2.resize(bgr, size, interpolation=cv2.INTER_AREA)
     ok, data = cv2.imencode(".jpg", np.ascontiguousarray(bgr), [cv2.IMWRITE_JPEG_QUALITY, QUALITY])
     return data.tobytes()
 
