@@ -170,13 +170,14 @@ def declare() -> Config:
         "lr", "learning rate and its schedule (updated every iteration)",
         lr=Param(StrictFloat(min=0, min_exclusive=True), "peak lr (lr_scaling=none) or peak lr per 256 images (lr_scaling=linear)", default=0.5),
         lr_scaling=Param(Choice("none", "linear"), "none: lr.lr is the peak lr; linear: peak = lr.lr x global batch / 256", default="none"),
-        lr_schedule_type=Param(Choice("triangular", "step", "step_warmup", "cosine", "cyclic"), "schedule shape (cyclic = triangular, ffcv-imagenet's name)", default="triangular"),
+        lr_schedule_type=Param(Choice("triangular", "step", "step_warmup", "cosine", "flat_cos", "cyclic"), "schedule shape (cyclic = triangular, ffcv-imagenet's name)", default="triangular"),
         lr_peak_epoch=Param(StrictFloat(min=0), "triangular: epoch of the peak", default=2.0),
         step_ratio=Param(StrictFloat(min=0, max=1), "step/step_warmup: lr multiplier at each step", default=0.1),
         step_length=Param(StrictInt(min=1), "step: epochs between steps", default=30),
-        warmup_epochs=Param(StrictFloat(min=0), "step_warmup/cosine: linear warmup from 0 over this many epochs", default=0.0),
+        warmup_epochs=Param(StrictFloat(min=0), "step_warmup/cosine/flat_cos: linear warmup from 0 over this many epochs", default=0.0),
         milestones=Param(IntList(), "step_warmup: epochs at which lr is multiplied by step_ratio", default=[]),
-        end_lr_ratio=Param(StrictFloat(min=0, max=1), "cosine: final lr / peak lr", default=0.0),
+        end_lr_ratio=Param(StrictFloat(min=0, max=1), "cosine/flat_cos: final lr / peak lr", default=0.0),
+        flat_fraction=Param(StrictFloat(min=0, max=1), "flat_cos: fraction of the run at the peak lr before the cosine decay", default=0.72),
     )
     section(
         "resolution", "progressive resizing of train images (px)",
@@ -190,9 +191,14 @@ def declare() -> Config:
         epochs=Param(StrictInt(min=1), "number of epochs", default=16),
         batch_size=Param(StrictInt(min=1), "images per GPU (per process) per micro-batch", default=512),
         global_batch_size=Param(StrictInt(min=0), "images per optimizer step, all processes; 0 = batch_size x world size", default=0),
-        optimizer=Param(Choice("sgd", "adamw", "lamb"), "optimizer", default="sgd"),
+        optimizer=Param(Choice("sgd", "adamw", "radam", "lamb"), "optimizer (radam: decoupled weight decay; + lookahead_steps 6 = fast.ai's Ranger)", default="sgd"),
         momentum=Param(StrictFloat(min=0, max=1), "SGD momentum", default=0.9),
         nesterov=Param(StrictBool(), "Nesterov momentum", default=False),
+        adam_beta1=Param(StrictFloat(min=0, max=1), "adamw/radam/lamb: first-moment decay", default=0.9),
+        adam_beta2=Param(StrictFloat(min=0, max=1), "adamw/radam/lamb: second-moment decay", default=0.999),
+        adam_eps=Param(StrictFloat(min=0), "adamw/radam/lamb: epsilon; 0 = the optimizer's default (1e-8; LAMB 1e-6)", default=0.0),
+        lookahead_steps=Param(StrictInt(min=0), "Lookahead: sync slow weights every k steps; 0 = off", default=0),
+        lookahead_alpha=Param(StrictFloat(min=0, max=1, min_exclusive=True), "Lookahead: slow-weight step size", default=0.5),
         weight_decay=Param(StrictFloat(min=0), "weight decay (not on norm layers or biases)", default=1e-4),
         label_smoothing=Param(StrictFloat(min=0, max=1), "label smoothing", default=0.1),
         use_blurpool=Param(StrictBool(), "BlurPool before strided convs", default=True),
@@ -236,6 +242,7 @@ def declare() -> Config:
         "model", "network",
         arch=Param(StrictStr(), "torchvision classification arch", default="resnet50"),
         resnet_d=Param(StrictBool(), "ResNet-D tweak (deep stem, avg-pool shortcut)", default=False),
+        activation=Param(Choice("relu", "mish"), "activation of every ReLU in the network (mish: Misra 2019)", default="relu"),
         zero_init_residual=Param(StrictBool(), "zero-init the last BN gamma of each residual block", default=True),
         xavier_init=Param(StrictBool(), "Xavier init of convs and linear layers", default=False),
     )
@@ -450,6 +457,9 @@ def check_consistency(cfg: dict) -> None:
     if t["nesterov"] and t["optimizer"] != "sgd":
         raise ConfigError(f"training.nesterov=1 applies to training.optimizer=sgd only, got "
                           f"training.optimizer={t['optimizer']}; set --training.nesterov=0")
+    for key in ("adam_beta1", "adam_beta2"):
+        if t[key] >= 1:
+            raise ConfigError(f"training.{key} must be < 1, got {t[key]}")
     if t["distill_arch"] and not t["distill_checkpoint"]:
         raise ConfigError("training.distill_arch is set but training.distill_checkpoint is empty")
     if not t["eval_only"]:
@@ -466,7 +476,8 @@ def check_schedule(cfg: dict) -> None:
         lr_at(0.0, schedule=lr["lr_schedule_type"], peak_lr=lr["lr"], epochs=epochs,
               warmup_epochs=lr["warmup_epochs"], lr_peak_epoch=lr["lr_peak_epoch"],
               step_ratio=lr["step_ratio"], step_length=lr["step_length"],
-              milestones=tuple(lr["milestones"]), end_lr_ratio=lr["end_lr_ratio"])
+              milestones=tuple(lr["milestones"]), end_lr_ratio=lr["end_lr_ratio"],
+              flat_fraction=lr["flat_fraction"])
     except ValueError as e:
         raise ConfigError(f"lr.lr_schedule_type={lr['lr_schedule_type']} with training.epochs={epochs}: "
                           f"{e} (keys of section 'lr')") from None

@@ -192,7 +192,7 @@ def zero_init_last_bn(model: torch.nn.Module) -> int:
 
 def create_model(arch: str, *, num_classes: int = 1000, zero_init_residual: bool = True,
                  use_blurpool: bool = False, resnet_d: bool = False,
-                 xavier_init: bool = False,
+                 xavier_init: bool = False, activation: str = "relu",
                  blurpool_padding_mode: str = "zeros") -> torch.nn.Module:
     """A randomly initialised torchvision classification model `arch` with the recipe's tweaks.
 
@@ -217,7 +217,30 @@ def create_model(arch: str, *, num_classes: int = 1000, zero_init_residual: bool
         zero_init_last_bn(model)
     if use_blurpool:
         apply_blurpool(model, padding_mode=blurpool_padding_mode)
+    if activation != "relu":
+        replace_activation(model, activation)
     return model
+
+
+ACTIVATIONS = {"relu": torch.nn.ReLU, "mish": torch.nn.Mish}
+
+
+def replace_activation(model: torch.nn.Module, activation: str) -> int:
+    """Swap every ReLU module of `model` for `activation` (in place); returns how many.
+
+    torchvision's ResNets call their `relu` modules (a Bottleneck reuses one three times), so
+    swapping the modules swaps every activation; a model that calls F.relu directly would keep
+    those, which is why the count is returned (and tested).
+    """
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; valid: {', '.join(ACTIVATIONS)}")
+    count = 0
+    for parent in list(model.modules()):
+        for name, child in parent.named_children():
+            if type(child) is torch.nn.ReLU:
+                setattr(parent, name, ACTIVATIONS[activation](inplace=child.inplace))
+                count += 1
+    return count
 
 
 def count_parameters(model: torch.nn.Module, *, trainable_only: bool = True) -> int:

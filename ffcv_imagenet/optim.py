@@ -9,18 +9,23 @@ Contract
   exactly once, shared parameters included. Choosing by type, not by name, is the point:
   ffcv-imagenet's `'bn' in name` test let torchvision's `downsample.1` BatchNorm decay.
 - `create_optimizer(model, name=..., lr=..., ...)` builds SGD (momentum, optional Nesterov),
-  AdamW or LAMB over those groups. The engine overwrites every group's `lr` each iteration from
+  AdamW, RAdam (decoupled weight decay) or LAMB over those groups, optionally wrapped in
+  `Lookahead` (`lookahead_steps > 0`; RAdam + Lookahead is fast.ai's "Ranger"). The engine overwrites every group's `lr` each iteration from
   `schedules.lr_at`; the `lr` given here is only the initial value.
 - `Lamb`: Adam moments with bias correction + decoupled weight decay, scaled per parameter
   tensor by the trust ratio ||w|| / ||update|| (You et al. 2019). Groups with
   `layer_adaptation=False` (here the no-decay group: norms and biases) skip the trust ratio.
+- `Lookahead(base, steps=k, alpha=a)` (Zhang et al. 2019): every k steps of `base`, the slow
+  weights move `a` of the way to the fast ones and the fast weights restart from them. It shares
+  `base.param_groups` (so the engine's lr updates reach `base`, also after a resume) and its `state_dict` holds the
+  slow weights and the step count, so resuming continues the same k-step cycle.
 """
 
 from typing import Optional
 
 import torch
 
-OPTIMIZERS = ("sgd", "adamw", "lamb")
+OPTIMIZERS = ("sgd", "adamw", "radam", "lamb")
 
 
 def norm_layer_types() -> tuple:
@@ -117,15 +122,76 @@ class Lamb(torch.optim.Optimizer):
         return loss
 
 
+class Lookahead:
+    """Lookahead around any torch optimizer: k fast steps, then slow += alpha * (fast - slow)."""
+
+    def __init__(self, base: torch.optim.Optimizer, *, steps: int = 6, alpha: float = 0.5):
+        if steps < 1:
+            raise ValueError(f"lookahead steps must be >= 1, got {steps}")
+        if not 0.0 < alpha <= 1.0:
+            raise ValueError(f"lookahead alpha must be in (0, 1], got {alpha}")
+        self.base, self.steps, self.alpha = base, int(steps), float(alpha)
+        self.counter = 0
+        self.slow = [p.detach().clone() for group in base.param_groups for p in group["params"]]
+
+    # Properties, not copies: torch's Optimizer.load_state_dict replaces base.param_groups with a
+    # new list, and the engine's lr updates must reach the list the base optimizer steps with.
+    @property
+    def param_groups(self) -> list:
+        return self.base.param_groups
+
+    @property
+    def defaults(self) -> dict:
+        return self.base.defaults
+
+    @property
+    def state(self):
+        return self.base.state
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.base.zero_grad(set_to_none=set_to_none)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = self.base.step(closure)
+        self.counter += 1
+        if self.counter % self.steps == 0:
+            params = [p for group in self.param_groups for p in group["params"]]
+            for fast, slow in zip(params, self.slow):
+                slow.add_(fast.detach().to(slow.dtype) - slow, alpha=self.alpha)
+                fast.copy_(slow)
+        return loss
+
+    def state_dict(self) -> dict:
+        return {"base": self.base.state_dict(), "lookahead": {
+            "counter": self.counter, "steps": self.steps, "alpha": self.alpha,
+            "slow": [t.clone() for t in self.slow]}}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if "lookahead" not in state_dict:
+            raise ValueError("optimizer state has no Lookahead part: the checkpoint was written "
+                             "without training.lookahead_steps; resume with the same optimizer")
+        look = state_dict["lookahead"]
+        if len(look["slow"]) != len(self.slow):
+            raise ValueError(f"Lookahead state has {len(look['slow'])} slow tensors, the model "
+                             f"{len(self.slow)}")
+        self.base.load_state_dict(state_dict["base"])
+        self.counter = int(look["counter"])
+        for mine, saved in zip(self.slow, look["slow"]):
+            mine.copy_(saved)
+
+
 def create_optimizer(model: torch.nn.Module, *, name: str = "sgd", lr: float,
                      momentum: float = 0.9, nesterov: bool = False,
                      weight_decay: float = 5e-5, betas: tuple = (0.9, 0.999),
-                     eps: Optional[float] = None) -> torch.optim.Optimizer:
-    """Optimizer `name` ('sgd', 'adamw', 'lamb') over `param_groups(model, weight_decay)`.
+                     eps: Optional[float] = None, lookahead_steps: int = 0,
+                     lookahead_alpha: float = 0.5):
+    """Optimizer `name` ('sgd', 'adamw', 'radam', 'lamb') over `param_groups(model, weight_decay)`.
 
-    `momentum` and `nesterov` are SGD's; `betas` and `eps` are AdamW's and LAMB's (`eps`
-    defaults to 1e-8 for AdamW, 1e-6 for LAMB). Nesterov with
-    another optimizer is an error rather than silently ignored.
+    `momentum` and `nesterov` are SGD's; `betas` and `eps` are AdamW's, RAdam's and LAMB's
+    (`eps` defaults to 1e-8 for AdamW and RAdam, 1e-6 for LAMB); RAdam's weight decay is
+    decoupled, as AdamW's. Nesterov with another optimizer is an error rather than silently
+    ignored. `lookahead_steps` > 0 wraps the result in `Lookahead(steps, alpha)`.
     """
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; valid optimizers: {', '.join(OPTIMIZERS)}")
@@ -133,16 +199,25 @@ def create_optimizer(model: torch.nn.Module, *, name: str = "sgd", lr: float,
         raise ValueError(f"lr must be >= 0, got {lr}")
     if nesterov and name != "sgd":
         raise ValueError(f"nesterov applies to sgd only, got optimizer {name!r}")
+    if lookahead_steps < 0:
+        raise ValueError(f"lookahead_steps must be >= 0, got {lookahead_steps}")
     groups = param_groups(model, weight_decay)
     if name == "sgd":
         if nesterov and momentum <= 0:
             raise ValueError(f"nesterov needs momentum > 0, got momentum={momentum}")
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov,
-                               weight_decay=weight_decay)
-    if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=1e-8 if eps is None else eps,
-                                 weight_decay=weight_decay)
-    for group in groups:
-        group["layer_adaptation"] = group["name"] == "decay"
-    return Lamb(groups, lr=lr, betas=betas, eps=1e-6 if eps is None else eps,
-                weight_decay=weight_decay)
+        opt = torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov,
+                              weight_decay=weight_decay)
+    elif name == "adamw":
+        opt = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=1e-8 if eps is None else eps,
+                                weight_decay=weight_decay)
+    elif name == "radam":
+        opt = torch.optim.RAdam(groups, lr=lr, betas=betas, eps=1e-8 if eps is None else eps,
+                                weight_decay=weight_decay, decoupled_weight_decay=True)
+    else:
+        for group in groups:
+            group["layer_adaptation"] = group["name"] == "decay"
+        opt = Lamb(groups, lr=lr, betas=betas, eps=1e-6 if eps is None else eps,
+                   weight_decay=weight_decay)
+    if lookahead_steps:
+        return Lookahead(opt, steps=lookahead_steps, alpha=lookahead_alpha)
+    return opt

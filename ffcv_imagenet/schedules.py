@@ -17,6 +17,9 @@ Schedules (`SCHEDULES`):
   `step_length` epochs.
 - ``'cosine'``: linear warmup over `warmup_epochs`, then half a cosine from `peak_lr` down to
   `peak_lr * end_lr_ratio` at `epochs`.
+- ``'flat_cos'`` (fast.ai's `fit_flat_cos`): optional linear warmup over `warmup_epochs`, the
+  peak until `flat_fraction * epochs`, then half a cosine down to `peak_lr * end_lr_ratio` at
+  `epochs`. Suits optimizers that need no warmup (RAdam) on short runs.
 - ``'triangular'`` (FFCV's "cyclic"; ``'cyclic'`` is accepted as an alias): piecewise linear
   through (0, 1e-4 * peak), (`lr_peak_epoch`, peak), (`epochs`, 0), exactly as ffcv-imagenet's
   `get_cyclic_lr` (`np.interp([epoch], [0, lr_peak_epoch, epochs], [1e-4 * lr, lr, 0])`).
@@ -37,7 +40,7 @@ result is clamped to [min_res, max_res], which changes nothing for the published
 
 import math
 
-SCHEDULES = ("step_warmup", "cosine", "triangular", "step")
+SCHEDULES = ("step_warmup", "cosine", "flat_cos", "triangular", "step")
 SCHEDULE_ALIASES = {"cyclic": "triangular"}  # the name ffcv-imagenet's presets use
 
 # ffcv-imagenet's triangular schedule starts at 1e-4 x peak, not 0.
@@ -82,7 +85,8 @@ def resolve_schedule_name(schedule: str) -> str:
 
 def lr_at(epoch: float, *, schedule: str, peak_lr: float, epochs: int,
           warmup_epochs: float = 0, lr_peak_epoch: float = 2, step_ratio: float = 0.1,
-          step_length: int = 30, milestones: tuple = (), end_lr_ratio: float = 0.0) -> float:
+          step_length: int = 30, milestones: tuple = (), end_lr_ratio: float = 0.0,
+          flat_fraction: float = 0.72) -> float:
     """Learning rate at fractional `epoch` (epoch_index + step / steps_per_epoch).
 
     See the module docstring for each schedule. `epochs` is the length of the run; `peak_lr` is
@@ -111,6 +115,19 @@ def lr_at(epoch: float, *, schedule: str, peak_lr: float, epochs: int,
         end_lr = peak_lr * end_lr_ratio
         decay_epochs = epochs - warmup_epochs
         progress = 1.0 if decay_epochs <= 0 else min(1.0, (epoch - warmup_epochs) / decay_epochs)
+        return end_lr + (peak_lr - end_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    if name == "flat_cos":
+        if not 0 <= flat_fraction <= 1:
+            raise ValueError(f"flat_fraction must be in [0, 1], got {flat_fraction}")
+        anneal_from = max(flat_fraction * epochs, warmup_epochs)
+        if epoch < warmup_epochs:
+            return peak_lr * _warmup_factor(epoch, warmup_epochs)
+        if epoch < anneal_from:
+            return float(peak_lr)
+        end_lr = peak_lr * end_lr_ratio
+        span = epochs - anneal_from
+        progress = 1.0 if span <= 0 else min(1.0, (epoch - anneal_from) / span)
         return end_lr + (peak_lr - end_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     if name == "triangular":

@@ -261,7 +261,8 @@ def build_model(*, arch, num_classes, model_cfg, use_blurpool, channels_last, de
 
     model = create_model(arch, num_classes=num_classes, zero_init_residual=model_cfg["zero_init_residual"],
                          use_blurpool=use_blurpool, resnet_d=model_cfg["resnet_d"],
-                         xavier_init=model_cfg["xavier_init"])
+                         xavier_init=model_cfg["xavier_init"],
+                         activation=model_cfg.get("activation", "relu"))
     return model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
@@ -350,7 +351,11 @@ def fit(cfg: dict, *, launched_at: float = None) -> dict:
 
         optimizer = create_optimizer(raw_model, name=train_cfg["optimizer"], lr=plan["peak_lr"],
                                      momentum=train_cfg["momentum"], nesterov=train_cfg["nesterov"],
-                                     weight_decay=train_cfg["weight_decay"])
+                                     weight_decay=train_cfg["weight_decay"],
+                                     betas=(train_cfg["adam_beta1"], train_cfg["adam_beta2"]),
+                                     eps=train_cfg["adam_eps"] or None,
+                                     lookahead_steps=train_cfg["lookahead_steps"],
+                                     lookahead_alpha=train_cfg["lookahead_alpha"])
         scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
         # 5. resume
@@ -407,7 +412,7 @@ def fit(cfg: dict, *, launched_at: float = None) -> dict:
                          epochs=train_cfg["epochs"], warmup_epochs=lr_cfg["warmup_epochs"],
                          lr_peak_epoch=lr_cfg["lr_peak_epoch"], step_ratio=lr_cfg["step_ratio"],
                          step_length=lr_cfg["step_length"], milestones=tuple(lr_cfg["milestones"]),
-                         end_lr_ratio=lr_cfg["end_lr_ratio"])
+                         end_lr_ratio=lr_cfg["end_lr_ratio"], flat_fraction=lr_cfg["flat_fraction"])
 
         val = None
         elapsed_before = state["elapsed_s"]

@@ -141,6 +141,12 @@ def test_consistency_checks():
     load_config(DATA + ["--training.optimizer=adamw", "--training.nesterov=0"])
     with pytest.raises(ConfigError, match="model.arch=resnet5 is not a torchvision.*did you mean resnet50"):
         load_config(DATA + ["--model.arch=resnet5"])
+    with pytest.raises(ConfigError, match="training.adam_beta2 must be < 1, got 1.0"):
+        load_config(DATA + ["--training.optimizer=radam", "--training.adam_beta2=1"])
+    with pytest.raises(ConfigError, match="model.activation"):
+        load_config(DATA + ["--model.activation=swish"])
+    with pytest.raises(ConfigError, match="training.optimizer"):
+        load_config(DATA + ["--training.optimizer=ranger"])
     with pytest.raises(ConfigError, match="training.distill_arch=resnet125"):
         load_config(DATA + ["--training.distill_arch=resnet125", "--training.distill_checkpoint=t.pt"])
 

@@ -5,7 +5,7 @@ import torch
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from ffcv_imagenet.models import (BlurConv2d, BlurPool2d, apply_blurpool, count_parameters,
-                                  create_model)
+                                  create_model, replace_activation)
 
 
 def blocks(model):
@@ -156,3 +156,27 @@ def test_other_torchvision_arch_and_parameter_count():
     with torch.no_grad():
         assert model.eval()(torch.randn(1, 3, 32, 32)).shape == (1, 10)
     assert count_parameters(create_model("resnet50")) == 25_557_032  # torchvision's figure
+
+
+@pytest.mark.parametrize("arch, resnet_d", [("resnet18", False), ("resnet50", True)])
+def test_mish_replaces_every_relu(arch, resnet_d):
+    relu = create_model(arch, num_classes=5, resnet_d=resnet_d)
+    n_relu = sum(isinstance(m, torch.nn.ReLU) for m in relu.modules())
+    mish = create_model(arch, num_classes=5, resnet_d=resnet_d, activation="mish")
+    assert not any(isinstance(m, torch.nn.ReLU) for m in mish.modules())
+    assert sum(isinstance(m, torch.nn.Mish) for m in mish.modules()) == n_relu > 0
+    # same weights, different activation: different outputs (a negative pre-activation survives)
+    mish.load_state_dict(relu.state_dict())
+    for m in (relu, mish):
+        for block in blocks(m):
+            torch.nn.init.ones_(last_bn(block).weight)   # undo zero-init so blocks contribute
+    x = torch.randn(2, 3, 64, 64)
+    relu.eval(), mish.eval()
+    assert not torch.allclose(relu(x), mish(x))
+    # the functional form inside a block is the module, so a forward pass still runs end to end
+    assert mish(x).shape == (2, 5)
+
+
+def test_unknown_activation_is_refused_naming_the_valid_ones():
+    with pytest.raises(ValueError, match="relu, mish"):
+        replace_activation(torch.nn.Sequential(torch.nn.ReLU()), "swish")

@@ -1,10 +1,12 @@
 """Parameter groups (no decay on any norm parameter or bias, by module type) and optimizers."""
 
+import copy
+
 import pytest
 import torch
 
 from ffcv_imagenet.models import create_model
-from ffcv_imagenet.optim import Lamb, create_optimizer, param_groups
+from ffcv_imagenet.optim import Lamb, Lookahead, create_optimizer, param_groups
 
 
 def expected_no_decay_ids(model):
@@ -91,7 +93,7 @@ def regression_problem():
     return model, x, y
 
 
-@pytest.mark.parametrize("name, lr", [("sgd", 0.05), ("adamw", 0.01), ("lamb", 0.05)])
+@pytest.mark.parametrize("name, lr", [("sgd", 0.05), ("adamw", 0.01), ("radam", 0.05), ("lamb", 0.05)])
 def test_optimizer_reduces_a_simple_loss(name, lr):
     model, x, y = regression_problem()
     opt = create_optimizer(model, name=name, lr=lr, weight_decay=1e-4)
@@ -130,3 +132,100 @@ def test_lamb_no_layer_adaptation_for_no_decay_group():
     # no trust ratio: the first Adam step moves each element by lr (g/|g| = ±1)
     torch.testing.assert_close(bias.detach(), before - 0.1 * torch.tensor([1.0, -1.0]),
                                rtol=0, atol=1e-6)
+
+
+def test_radam_weight_decay_is_decoupled_and_skips_the_no_decay_group():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    opt = create_optimizer(model, name="radam", lr=0.1, weight_decay=0.01, betas=(0.95, 0.99), eps=1e-6)
+    assert isinstance(opt, torch.optim.RAdam)
+    groups = {g["name"]: g for g in opt.param_groups}
+    assert groups["decay"]["decoupled_weight_decay"] and groups["decay"]["weight_decay"] == 0.01
+    assert groups["no_decay"]["weight_decay"] == 0.0
+    assert groups["decay"]["betas"] == (0.95, 0.99) and groups["decay"]["eps"] == 1e-6
+    # with a zero gradient, one step only decays: w <- w (1 - lr wd); biases and BN stay put
+    w0, b0 = model[0].weight.detach().clone(), model[0].bias.detach().clone()
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    torch.testing.assert_close(model[0].weight.detach(), w0 * (1 - 0.1 * 0.01))
+    torch.testing.assert_close(model[0].bias.detach(), b0)
+
+
+def sgd_steps(params, grads, lr):
+    """Plain SGD by hand: the fast weights after applying each gradient in turn."""
+    out = [p.clone() for p in params]
+    for g in grads:
+        out = [w - lr * gi for w, gi in zip(out, g)]
+    return out
+
+
+def test_lookahead_syncs_every_k_steps_against_hand_computation():
+    p = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    opt = Lookahead(torch.optim.SGD([p], lr=0.5), steps=3, alpha=0.25)
+    grads = [torch.tensor([0.2, 0.1]), torch.tensor([-0.4, 0.3]), torch.tensor([0.6, 0.0]),
+             torch.tensor([0.1, 0.1])]
+    slow0 = p.detach().clone()
+    for i, g in enumerate(grads[:2]):
+        p.grad = g.clone()
+        opt.step()
+    fast2 = sgd_steps([slow0], [[g] for g in grads[:2]], 0.5)[0]
+    torch.testing.assert_close(p.detach(), fast2)                # no sync before step k
+    p.grad = grads[2].clone()
+    opt.step()
+    fast3 = fast2 - 0.5 * grads[2]
+    slow1 = slow0 + 0.25 * (fast3 - slow0)
+    torch.testing.assert_close(p.detach(), slow1)                # step k: fast restarts from slow
+    p.grad = grads[3].clone()
+    opt.step()
+    torch.testing.assert_close(p.detach(), slow1 - 0.5 * grads[3])
+
+
+def ranger(model):
+    return create_optimizer(model, name="radam", lr=0.01, weight_decay=1e-2, betas=(0.95, 0.99),
+                            eps=1e-6, lookahead_steps=3)
+
+
+def test_lookahead_state_dict_resumes_the_same_trajectory():
+    model, x, y = regression_problem()
+
+    def train(model, opt, steps):
+        for _ in range(steps):
+            opt.zero_grad(set_to_none=True)
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+
+    straight = copy.deepcopy(model)
+    train(straight, ranger(straight), 10)
+
+    first = copy.deepcopy(model)
+    opt = ranger(first)
+    train(first, opt, 4)                       # stop between two syncs (k = 3)
+    saved_model, saved_opt = copy.deepcopy(first.state_dict()), copy.deepcopy(opt.state_dict())
+    assert saved_opt["lookahead"]["counter"] == 4
+
+    resumed = copy.deepcopy(model)             # fresh weights, then the checkpoint
+    opt2 = ranger(resumed)
+    resumed.load_state_dict(saved_model)
+    opt2.load_state_dict(saved_opt)
+    for group in opt2.param_groups:            # a schedule's update must reach the base optimizer
+        group["lr"] = 0.005
+    assert {g["lr"] for g in opt2.base.param_groups} == {0.005}
+    for group in opt2.param_groups:
+        group["lr"] = 0.01
+    train(resumed, opt2, 6)
+    for a, b in zip(straight.parameters(), resumed.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_lookahead_refuses_state_without_its_part_and_bad_settings():
+    model = torch.nn.Linear(2, 2)
+    plain = create_optimizer(model, name="radam", lr=0.01)
+    wrapped = create_optimizer(model, name="radam", lr=0.01, lookahead_steps=6)
+    with pytest.raises(ValueError, match="lookahead_steps"):
+        wrapped.load_state_dict(plain.state_dict())
+    with pytest.raises(ValueError, match="steps"):
+        Lookahead(plain, steps=0)
+    with pytest.raises(ValueError, match="alpha"):
+        Lookahead(plain, steps=2, alpha=1.5)
+    with pytest.raises(ValueError, match="lookahead_steps"):
+        create_optimizer(model, name="sgd", lr=0.1, lookahead_steps=-1)

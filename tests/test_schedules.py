@@ -54,6 +54,20 @@ def test_cosine_end_lr_ratio_and_no_warmup():
     assert lr_at(10, **kwargs) == pytest.approx(0.2)
 
 
+def test_flat_cos_holds_the_peak_then_anneals():
+    kwargs = dict(schedule="flat_cos", peak_lr=4e-3, epochs=5, flat_fraction=0.72)
+    assert lr_at(0, **kwargs) == lr_at(3.59, **kwargs) == pytest.approx(4e-3)
+    assert lr_at(3.6 + 0.7, **kwargs) == pytest.approx(2e-3)                  # cosine midpoint
+    assert lr_at(5, **kwargs) == pytest.approx(0.0, abs=1e-15)
+    warm = dict(kwargs, warmup_epochs=1.0, end_lr_ratio=0.1)
+    assert lr_at(0.5, **warm) == pytest.approx(2e-3)
+    assert lr_at(5, **warm) == pytest.approx(4e-4)
+    # a warmup longer than the flat part: the cosine starts when the warmup ends
+    assert lr_at(4.0, **dict(kwargs, warmup_epochs=4.0)) == pytest.approx(4e-3)
+    with pytest.raises(ValueError, match="flat_fraction"):
+        lr_at(1, **dict(kwargs, flat_fraction=1.5))
+
+
 # ffcv-imagenet rn50 16-epoch preset: lr 1.7, peak at epoch 2, linear to 0 at 16.
 TRI = dict(schedule="triangular", peak_lr=1.7, epochs=16, lr_peak_epoch=2)
 

@@ -321,6 +321,40 @@ def test_kill_mid_epoch_and_resume_ends_with_the_same_weights(betons, reference_
     assert epochs[1]["elapsed_s"] > killed_elapsed  # elapsed time continues across the restart
 
 
+RANGER = ("--training.optimizer=radam", "--training.lookahead_steps=3", "--training.adam_beta1=0.95",
+          "--training.adam_beta2=0.99", "--training.adam_eps=1e-6", "--training.weight_decay=0.01",
+          "--lr.lr=0.004", "--lr.lr_schedule_type=flat_cos", "--lr.flat_fraction=0.5",
+          "--model.activation=mish")
+
+
+@pytest.mark.slow
+def test_ranger_flat_cos_mish_run_resumes_to_the_same_weights(betons, tmp_path):
+    """RAdam + Lookahead (k=3, so the kill at step 4 of epoch 1 falls between two syncs), the
+    flat-then-cosine schedule and Mish, through the engine: killed and resumed equals straight."""
+    straight = tmp_path / "straight"
+    assert train.main(run_args(*betons, straight, *RANGER), launched_at=time.time()) == 0
+    lrs = [r["lr"] for r in records(straight, "epoch")]
+    assert lrs[0] == pytest.approx(0.004)          # epoch 0 ends on the flat part (1.5 epochs)
+    assert lrs[1] < 0.004 and lrs[2] < 1e-4      # the logged lr is the last step's (epoch 2.9)
+    params = json.loads((straight / "params.json").read_text())
+    assert params["model"]["activation"] == "mish" and params["training"]["lookahead_steps"] == 3
+
+    killed = tmp_path / "killed"
+    out = subprocess.run([sys.executable, "-m", "ffcv_imagenet.train", *run_args(*betons, killed, *RANGER)],
+                         env=engine_env(**{train.KILL_ENV: KILL_AT}), capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == -9, out.stderr[-3000:]
+    assert load_checkpoint(killed / "checkpoint.pt")["optimizer"]["lookahead"]["counter"] == 10
+    assert train.main(run_args(*betons, killed, *RANGER, "--training.resume=1"), launched_at=time.time()) == 0
+
+    expected, resumed = load_checkpoint(straight / "checkpoint.pt"), load_checkpoint(killed / "checkpoint.pt")
+    different = [k for k in expected["model"] if not torch.equal(expected["model"][k], resumed["model"][k])]
+    assert not different, different
+    assert resumed["optimizer"]["lookahead"]["counter"] == expected["optimizer"]["lookahead"]["counter"] == 30
+    for a, b in zip(expected["optimizer"]["lookahead"]["slow"], resumed["optimizer"]["lookahead"]["slow"]):
+        assert torch.equal(a, b)
+
+
 def test_resume_drops_epochs_the_checkpoint_does_not_hold(tmp_path):
     from ffcv_imagenet.logger import RunLogger
 
