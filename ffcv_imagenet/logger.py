@@ -94,6 +94,18 @@ def git_commit(path) -> str | None:
         return None
 
 
+def cpu_model():
+    """The CPU's model name from /proc/cpuinfo (Linux), or None."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
 def environment(world_size: int) -> dict:
     """Versions, devices and host of this run."""
     from importlib import metadata
@@ -117,6 +129,7 @@ def environment(world_size: int) -> dict:
         "hostname": socket.gethostname(),
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
+        "cpu_model": cpu_model(),
         "git_commit": git_commit(os.path.dirname(os.path.abspath(__file__))),
         "time": now_iso(),
     }

@@ -93,3 +93,38 @@ def test_cli_writes_table_and_readable_pngs(tmp_path, capsys):
 def test_missing_folder_is_an_error_naming_it(tmp_path, capsys):
     assert report.main([str(tmp_path / "nope")]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_runs_table_names_machine_date_and_command(tmp_path):
+    write_run(tmp_path / "gpu", "fast", [0.3, 0.6], startup_s=12.5)
+    (tmp_path / "gpu" / "params.json").write_text(json.dumps(
+        {"config_file": "rn50_configs/fast.yaml", "training": {"epochs": 2},
+         "argv": ["--config-file", "rn50_configs/fast.yaml", "--logging.folder=runs/my run"]}))
+    (tmp_path / "gpu" / "env.json").write_text(json.dumps(
+        {"device_count": 8, "device_names": ["NVIDIA H100 80GB HBM3"] * 8, "cpu_count": 96}))
+    lines = (tmp_path / "gpu" / "log.jsonl").read_text().splitlines()
+    start = dict(json.loads(lines[0]), time="2026-11-30T13:46:47+00:00")
+    (tmp_path / "gpu" / "log.jsonl").write_text("\n".join([json.dumps(start)] + lines[1:]) + "\n")
+    write_run(tmp_path / "cpu", "fast", [0.4], epochs_planned=3, summary=False)
+    (tmp_path / "cpu" / "env.json").write_text(json.dumps(
+        {"device_count": 0, "device_names": [], "cpu_count": 2, "cpu_model": "AMD EPYC"}))
+
+    table = report.make_runs_table(report.find_runs([tmp_path]))
+    rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines()[2:]}
+    gpu, cpu = rows["gpu"], rows["cpu (incomplete)"]
+    assert "| 60.00% | 12.5 s | 2.2 min | 101 | 8 × NVIDIA H100 80GB HBM3 | 2026-11-30 |" in gpu
+    assert "`ffcv-imagenet train --config-file rn50_configs/fast.yaml '--logging.folder=runs/my run'`" in gpu
+    assert "| 2-core CPU (AMD EPYC) | ? | ? |" in cpu
+
+    assert report.main([str(tmp_path), "--no-plots"]) == 0
+    assert "| run | preset | top-1 | start-up |" in (tmp_path / "report.md").read_text()
+
+
+def test_environment_records_the_cpu_model():
+    from ffcv_imagenet.logger import environment
+
+    env = environment(1)
+    assert "cpu_model" in env and env["cpu_count"] >= 1
+    with open("/proc/cpuinfo") as f:
+        if "model name" in f.read():
+            assert env["cpu_model"]
