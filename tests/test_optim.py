@@ -75,7 +75,7 @@ def test_sgd_settings():
 
 def test_unknown_optimizer_and_bad_combinations():
     model = torch.nn.Linear(2, 2)
-    with pytest.raises(ValueError, match="'adam'.*sgd, adamw, lamb"):
+    with pytest.raises(ValueError, match="'adam'.*sgd, adamw, radam, lamb"):
         create_optimizer(model, name="adam", lr=0.1)
     with pytest.raises(ValueError, match="nesterov"):
         create_optimizer(model, name="adamw", lr=0.1, nesterov=True)
