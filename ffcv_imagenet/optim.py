@@ -10,15 +10,17 @@ Contract
   ffcv-imagenet's `'bn' in name` test let torchvision's `downsample.1` BatchNorm decay.
 - `create_optimizer(model, name=..., lr=..., ...)` builds SGD (momentum, optional Nesterov),
   AdamW, RAdam (decoupled weight decay) or LAMB over those groups, optionally wrapped in
-  `Lookahead` (`lookahead_steps > 0`; RAdam + Lookahead is fast.ai's "Ranger"). The engine overwrites every group's `lr` each iteration from
-  `schedules.lr_at`; the `lr` given here is only the initial value.
+  `Lookahead` (`lookahead_steps > 0`; RAdam + Lookahead is fast.ai's "Ranger"). The engine
+  overwrites every group's `lr` each iteration from `schedules.lr_at`; the `lr` given here is
+  only the initial value.
 - `Lamb`: Adam moments with bias correction + decoupled weight decay, scaled per parameter
   tensor by the trust ratio ||w|| / ||update|| (You et al. 2019). Groups with
   `layer_adaptation=False` (here the no-decay group: norms and biases) skip the trust ratio.
 - `Lookahead(base, steps=k, alpha=a)` (Zhang et al. 2019): every k steps of `base`, the slow
   weights move `a` of the way to the fast ones and the fast weights restart from them. It shares
-  `base.param_groups` (so the engine's lr updates reach `base`, also after a resume) and its `state_dict` holds the
-  slow weights and the step count, so resuming continues the same k-step cycle.
+  `base.param_groups` (so the engine's lr updates reach `base`, also after a resume) and its
+  `state_dict` holds the slow weights and the step count, so resuming continues the same k-step
+  cycle.
 """
 
 from typing import Optional

@@ -219,6 +219,10 @@ def _rate(x):
     return f"{x:,.0f}"
 
 
+def _md_row(cells) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
 def make_table(runs, targets=DEFAULT_TARGETS) -> str:
     """The Markdown table: one row per group of finished runs, one per cut-short run."""
     groups = {}
@@ -227,7 +231,7 @@ def make_table(runs, targets=DEFAULT_TARGETS) -> str:
     header = ["preset", "runs", "epochs", "devices", "top-1", "top-5", "wall-clock"]
     header += [f"to {_pct(t).replace('.00', '')}" for t in targets]
     header += ["img/s", "notes"]
-    rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    rows = [_md_row(header), "|" + "---|" * len(header)]
     for (preset, world, device, planned, _), members in groups.items():
         reached = []
         for t in targets:
@@ -240,7 +244,7 @@ def make_table(runs, targets=DEFAULT_TARGETS) -> str:
         done = [len(r.epochs) for r in members]
         epochs = str(planned if planned is not None else max(done))
         notes = sorted({p for r in members for p in r.problems})
-        rows.append("| " + " | ".join([
+        rows.append(_md_row([
             preset, str(len(members)), epochs, f"{world if world is not None else '?'} × {device}",
             _mean_std([r.top1_at_end() for r in members], _pct),
             _mean_std([r.top5_at_end() for r in members], _pct),
@@ -248,24 +252,24 @@ def make_table(runs, targets=DEFAULT_TARGETS) -> str:
             *reached,
             _mean_std([r.mean_images_per_s() for r in members], _rate),
             "; ".join(notes) if notes else "",
-        ]) + " |")
+        ]))
     return "\n".join(rows) + "\n"
 
 
 def make_runs_table(runs) -> str:
     """One row per run: what a reader needs to repeat it and to judge its figures."""
     header = ["run", "preset", "top-1", "start-up", "wall-clock", "img/s", "machine", "date", "command"]
-    rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    rows = [_md_row(header), "|" + "---|" * len(header)]
     for run in runs:
         top1, wall, rate = run.top1_at_end(), run.wallclock_s(), run.mean_images_per_s()
-        rows.append("| " + " | ".join([
+        rows.append(_md_row([
             run.folder.name + ("" if run.complete else " (incomplete)"), run.preset,
             _pct(top1) if top1 is not None else "—",
             f"{run.startup_s:.1f} s" if run.startup_s is not None else "—",
             _minutes(wall) if wall is not None else "—",
             _rate(rate) if rate is not None else "—",
             run.machine, run.date, f"`{run.command}`" if run.command != "?" else "?",
-        ]) + " |")
+        ]))
     return "\n".join(rows) + "\n"
 
 

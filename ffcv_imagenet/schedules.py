@@ -66,6 +66,15 @@ def _warmup_factor(epoch: float, warmup_epochs: float) -> float:
     return epoch / warmup_epochs
 
 
+def _cosine_decay(epoch: float, start: float, end: float, peak_lr: float,
+                  end_lr_ratio: float) -> float:
+    """Half a cosine from `peak_lr` at `start` to `peak_lr * end_lr_ratio` at `end` (held there)."""
+    end_lr = peak_lr * end_lr_ratio
+    span = end - start
+    progress = 1.0 if span <= 0 else min(1.0, (epoch - start) / span)
+    return end_lr + (peak_lr - end_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
 def _ffcv_step_at_integer(epoch: int, peak_lr: float, epochs: int, step_ratio: float,
                           step_length: int) -> float:
     """ffcv-imagenet's `get_step_lr` at an integer epoch."""
@@ -112,10 +121,7 @@ def lr_at(epoch: float, *, schedule: str, peak_lr: float, epochs: int,
     if name == "cosine":
         if epoch < warmup_epochs:
             return peak_lr * _warmup_factor(epoch, warmup_epochs)
-        end_lr = peak_lr * end_lr_ratio
-        decay_epochs = epochs - warmup_epochs
-        progress = 1.0 if decay_epochs <= 0 else min(1.0, (epoch - warmup_epochs) / decay_epochs)
-        return end_lr + (peak_lr - end_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return _cosine_decay(epoch, warmup_epochs, epochs, peak_lr, end_lr_ratio)
 
     if name == "flat_cos":
         if not 0 <= flat_fraction <= 1:
@@ -125,10 +131,7 @@ def lr_at(epoch: float, *, schedule: str, peak_lr: float, epochs: int,
             return peak_lr * _warmup_factor(epoch, warmup_epochs)
         if epoch < anneal_from:
             return float(peak_lr)
-        end_lr = peak_lr * end_lr_ratio
-        span = epochs - anneal_from
-        progress = 1.0 if span <= 0 else min(1.0, (epoch - anneal_from) / span)
-        return end_lr + (peak_lr - end_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return _cosine_decay(epoch, anneal_from, epochs, peak_lr, end_lr_ratio)
 
     if name == "triangular":
         if warmup_epochs:
