@@ -62,10 +62,15 @@ def test_resumed_run_keeps_one_record_per_epoch(tmp_path):
     log = tmp_path / "r" / "log.jsonl"
     lines = log.read_text().splitlines()
     # a resume re-logged epoch 1 after a second start line
-    log.write_text("\n".join(lines[:2] + [json.dumps({"type": "start", "startup_s": 99.0})] + lines[2:]) + "\n")
+    restart = {"type": "start", "startup_s": 99.0, "resumed_from_epoch": 1}
+    log.write_text("\n".join(lines[:2] + [json.dumps(restart)] + lines[2:]) + "\n")
     run = report.load_run(tmp_path / "r")
     assert [r["epoch"] for r in run.epochs] == [0, 1]
-    assert run.startup_s == 10.0
+    assert run.startup_s == 10.0  # the first launch's, as the runs table shows it
+    # wall-clock counts both start-ups: 10 + 99 + 2 epochs of 60 s; epoch 0 ran before the resume
+    assert run.wallclock_s() == 229.0
+    assert run.time_to(0.5) == 70.0 and run.time_to(0.6) == 229.0
+    assert "| 10.0 s + 99.0 s (1 resume) | 3.8 min |" in report.make_runs_table([run])
 
 
 def test_readme_section_replaced_between_markers(tmp_path):
