@@ -4,6 +4,7 @@
       "model": state_dict of the unwrapped model,
       "optimizer": optimizer.state_dict(),
       "scaler": GradScaler.state_dict() or None,
+      "ema": optim.WeightEMA.state_dict() (training.ema_decay > 0) or None; eval_only evaluates it,
       "epoch": epochs completed (= the epoch to run next),
       "step": optimizer steps taken (the schedule position),
       "rng": {"python", "numpy", "torch", "cuda"} states at the end of the epoch,

@@ -199,6 +199,7 @@ def declare() -> Config:
         adam_eps=Param(StrictFloat(min=0), "adamw/radam/lamb: epsilon; 0 = the optimizer's default (1e-8; LAMB 1e-6)", default=0.0),
         lookahead_steps=Param(StrictInt(min=0), "Lookahead: sync slow weights every k steps; 0 = off", default=0),
         lookahead_alpha=Param(StrictFloat(min=0, max=1, min_exclusive=True), "Lookahead: slow-weight step size", default=0.5),
+        ema_decay=Param(StrictFloat(min=0, max=1), "evaluate an exponential moving average of the weights with this decay per step (e.g. 0.999); 0 = off", default=0.0),
         weight_decay=Param(StrictFloat(min=0), "weight decay (not on norm layers or biases)", default=1e-4),
         label_smoothing=Param(StrictFloat(min=0, max=1), "label smoothing", default=0.1),
         use_blurpool=Param(StrictBool(), "BlurPool before strided convs", default=True),
@@ -457,7 +458,7 @@ def check_consistency(cfg: dict) -> None:
     if t["nesterov"] and t["optimizer"] != "sgd":
         raise ConfigError(f"training.nesterov=1 applies to training.optimizer=sgd only, got "
                           f"training.optimizer={t['optimizer']}; set --training.nesterov=0")
-    for key in ("adam_beta1", "adam_beta2"):
+    for key in ("adam_beta1", "adam_beta2", "ema_decay"):
         if t[key] >= 1:
             raise ConfigError(f"training.{key} must be < 1, got {t[key]}")
     if t["distill_arch"] and not t["distill_checkpoint"]:

@@ -21,6 +21,8 @@ Contract
   `base.param_groups` (so the engine's lr updates reach `base`, also after a resume) and its
   `state_dict` holds the slow weights and the step count, so resuming continues the same k-step
   cycle.
+- `WeightEMA(model, decay)`: an exponential moving average of the weights (and BatchNorm
+  statistics), which the engine evaluates instead of the model when `training.ema_decay > 0`.
 """
 
 from typing import Optional
@@ -181,6 +183,51 @@ class Lookahead:
         self.counter = int(look["counter"])
         for mine, saved in zip(self.slow, look["slow"]):
             mine.copy_(saved)
+
+
+class WeightEMA:
+    """Exponential moving average of a model's weights, for evaluation.
+
+    `module` is a frozen copy of `model`; `update()` (after each optimizer step) moves every
+    floating-point parameter and buffer of the copy towards the model's:
+    ema = d * ema + (1 - d) * weight, with d = min(decay, (1 + n) / (10 + n)) at the n-th update,
+    so the early average is not dominated by the random initial weights. BatchNorm running
+    statistics are averaged like the weights; integer buffers (BatchNorm's batch counters) are
+    copied. The copy keeps the model's device and memory format.
+    """
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        import copy
+
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
+        self.decay = float(decay)
+        self.updates = 0
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        pairs = list(zip(self._tensors(self.module), self._tensors(model)))
+        self._floats = ([e for e, m in pairs if e.is_floating_point()],
+                        [m for e, m in pairs if e.is_floating_point()])
+        self._others = [(e, m) for e, m in pairs if not e.is_floating_point()]
+
+    @staticmethod
+    def _tensors(model) -> list:
+        return [t for t in model.parameters()] + [t for t in model.buffers()]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        ema, weights = self._floats
+        torch._foreach_lerp_(ema, [w.detach() for w in weights], 1.0 - decay)
+        for e, m in self._others:
+            e.copy_(m)
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "updates": self.updates, "module": self.module.state_dict()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.updates = int(state_dict["updates"])
+        self.module.load_state_dict(state_dict["module"])
 
 
 def create_optimizer(model: torch.nn.Module, *, name: str = "sgd", lr: float,

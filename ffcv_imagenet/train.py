@@ -147,11 +147,12 @@ def train_one_epoch(model, batches, optimizer, scaler, *, epoch: int, steps_per_
                     accum_steps: int, lr_fn, device, precision: str, label_smoothing=0.0,
                     mixup_alpha=0.0, num_classes=None, teacher=None, distill_temperature=4.0,
                     distill_weight=0.5, color_jitter=0.0, pca_lighting=0.0, generator=None,
-                    progress=False, on_first_batch=None, on_step=None) -> dict:
+                    progress=False, on_first_batch=None, on_step=None, ema=None) -> dict:
     """One epoch of `steps_per_epoch` optimizer steps of `accum_steps` micro-batches each.
 
     `batches` yields (uint8 NCHW images, int labels) on `device`; `lr_fn(epoch_float)` gives the
-    lr of each step. Returns the epoch's mean train loss and image count over all processes.
+    lr of each step; `ema` (optim.WeightEMA) is updated after every optimizer step. Returns the
+    epoch's mean train loss and image count over all processes.
     """
     model.train()
     dtype = DTYPES[precision]
@@ -194,6 +195,8 @@ def train_one_epoch(model, batches, optimizer, scaler, *, epoch: int, steps_per_
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.update()
             if bar is not None:
                 bar.update(1)
                 if step % 10 == 0:
@@ -357,6 +360,11 @@ def fit(cfg: dict, *, launched_at: float = None) -> dict:
                                      lookahead_steps=train_cfg["lookahead_steps"],
                                      lookahead_alpha=train_cfg["lookahead_alpha"])
         scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+        ema = None
+        if train_cfg["ema_decay"] > 0:
+            from ffcv_imagenet.optim import WeightEMA
+
+            ema = WeightEMA(raw_model, train_cfg["ema_decay"])
 
         # 5. resume
         state = {"epoch": 0, "step": 0, "elapsed_s": 0.0, "train_s": 0.0, "total_images": 0,
@@ -369,6 +377,11 @@ def fit(cfg: dict, *, launched_at: float = None) -> dict:
                 optimizer.load_state_dict(checkpoint["optimizer"])
                 if checkpoint.get("scaler"):
                     scaler.load_state_dict(checkpoint["scaler"])
+                if ema is not None:
+                    if checkpoint.get("ema") is None:
+                        raise ValueError(f"{checkpoint_path} holds no weight average: the run was "
+                                         "started without training.ema_decay; resume it without")
+                    ema.load_state_dict(checkpoint["ema"])
                 ckpt_io.set_rng_state(checkpoint["rng"])
                 state = {k: checkpoint[k] for k in state}
                 resumed_from = state["epoch"]
@@ -433,13 +446,17 @@ def fit(cfg: dict, *, launched_at: float = None) -> dict:
                 distill_temperature=train_cfg["distill_temperature"],
                 distill_weight=train_cfg["distill_weight"], color_jitter=aug_cfg["color_jitter"],
                 pca_lighting=aug_cfg["pca_lighting"], generator=generator, progress=progress,
-                on_first_batch=on_first_batch, on_step=_kill_hook(epoch))
+                on_first_batch=on_first_batch, on_step=_kill_hook(epoch), ema=ema)
             train_s = time.time() - epoch_start
             last = epoch == epochs - 1
             val = None
             if last or (epoch + 1) % val_cfg["every_n_epochs"] == 0:
-                val = evaluate(model, val_loader, device=device, precision=precision,
-                               lr_tta=val_cfg["lr_tta"], progress=progress)
+                val = evaluate(model if ema is None else ema.module, val_loader, device=device,
+                               precision=precision, lr_tta=val_cfg["lr_tta"], progress=progress)
+                if ema is not None and last:  # the model itself too, for comparison
+                    raw = evaluate(model, val_loader, device=device, precision=precision,
+                                   lr_tta=val_cfg["lr_tta"], progress=progress)
+                    val = {**val, **{f"{k}_no_ema": v for k, v in raw.items()}}
             now = time.time()
             state["epoch"] = epoch + 1
             state["step"] += steps_per_epoch
@@ -461,12 +478,13 @@ def fit(cfg: dict, *, launched_at: float = None) -> dict:
                 ckpt_io.save_checkpoint(checkpoint_path, {
                     "model": ckpt_io.model_state(model), "optimizer": optimizer.state_dict(),
                     "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+                    "ema": ema.state_dict() if ema is not None else None,
                     **state, "rng": ckpt_io.rng_state(), "config": cfg, "derived": derived,
                     "arch": model_cfg["arch"], "num_classes": len(wnids), "wnids": wnids})
             distributed.barrier()
 
         if val is None and state["epoch"] >= epochs:  # resumed a finished run: evaluate once
-            val = evaluate(model, val_loader, device=device, precision=precision,
+            val = evaluate(model if ema is None else ema.module, val_loader, device=device, precision=precision,
                            lr_tta=val_cfg["lr_tta"], progress=progress)
         summary = {"type": "summary", "epochs": epochs, "top_1": val["top_1"], "top_5": val["top_5"],
                    "elapsed_s": state["elapsed_s"], "startup_s": state["startup_s"],
@@ -497,7 +515,9 @@ def evaluate_checkpoint(cfg: dict, dist_info) -> dict:
                         num_classes=checkpoint.get("num_classes", len(val_wnids)),
                         model_cfg=saved["model"], use_blurpool=saved["training"]["use_blurpool"],
                         channels_last=train_cfg["channels_last"], device=device)
-    model.load_state_dict(checkpoint["model"])
+    # a run with training.ema_decay reported its weight average: evaluate that
+    weights = "ema" if checkpoint.get("ema") else "model"
+    model.load_state_dict(checkpoint["ema"]["module"] if weights == "ema" else checkpoint["model"])
     num_workers = data_cfg["num_workers"] or max(1, distributed.cpu_cores() // dist_info.local_world_size)
     val_loader = create_val_loader(data_cfg["val_dataset"], batch_size=val_cfg["batch_size"],
                                    resolution_px=val_cfg["resolution"], num_workers=num_workers,
@@ -507,7 +527,7 @@ def evaluate_checkpoint(cfg: dict, dist_info) -> dict:
     result = evaluate(model, val_loader, device=device, precision=precision, lr_tta=val_cfg["lr_tta"],
                       progress=cfg["logging"]["progress"] and dist_info.is_main)
     result = {"type": "eval", "checkpoint": train_cfg["checkpoint"], "epoch": checkpoint.get("epoch"),
-              **result}
+              "weights": weights, **result}
     if dist_info.is_main:
         import json
 

@@ -143,6 +143,8 @@ def test_consistency_checks():
         load_config(DATA + ["--model.arch=resnet5"])
     with pytest.raises(ConfigError, match="training.adam_beta2 must be < 1, got 1.0"):
         load_config(DATA + ["--training.optimizer=radam", "--training.adam_beta2=1"])
+    with pytest.raises(ConfigError, match="training.ema_decay must be < 1, got 1.0"):
+        load_config(DATA + ["--training.ema_decay=1"])
     with pytest.raises(ConfigError, match="model.activation"):
         load_config(DATA + ["--model.activation=swish"])
     with pytest.raises(ConfigError, match="training.optimizer"):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ffcv_imagenet.models import create_model
-from ffcv_imagenet.optim import Lamb, Lookahead, create_optimizer, param_groups
+from ffcv_imagenet.optim import Lamb, Lookahead, WeightEMA, create_optimizer, param_groups
 
 
 def expected_no_decay_ids(model):
@@ -229,3 +229,28 @@ def test_lookahead_refuses_state_without_its_part_and_bad_settings():
         Lookahead(plain, steps=2, alpha=1.5)
     with pytest.raises(ValueError, match="lookahead_steps"):
         create_optimizer(model, name="sgd", lr=0.1, lookahead_steps=-1)
+
+
+def test_weight_ema_against_hand_computation_with_batchnorm():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.BatchNorm1d(3))
+    ema = WeightEMA(model, decay=0.9)
+    assert not any(p.requires_grad for p in ema.module.parameters()) and not ema.module.training
+    start = model[0].weight.detach().clone()
+    averaged = start.clone()
+    for n in range(1, 31):
+        model.train()(torch.randn(4, 2))  # moves the BatchNorm statistics and its counter
+        with torch.no_grad():
+            model[0].weight.add_(1.0)
+        ema.update()
+        d = min(0.9, (1 + n) / (10 + n))  # warm-up: 2/11, 3/12, ... until 0.9 from n = 80
+        averaged = d * averaged + (1 - d) * model[0].weight.detach()
+    torch.testing.assert_close(ema.module[0].weight, averaged)
+    assert not torch.allclose(ema.module[1].running_mean, model[1].running_mean)  # averaged, not copied
+    assert ema.module[1].num_batches_tracked.item() == model[1].num_batches_tracked.item() == 30
+
+    again = WeightEMA(copy.deepcopy(model), decay=0.9)
+    again.load_state_dict(ema.state_dict())
+    assert again.updates == 30
+    torch.testing.assert_close(again.module[0].weight, averaged)
+    with pytest.raises(ValueError, match="decay"):
+        WeightEMA(model, decay=1.0)

@@ -324,13 +324,14 @@ def test_kill_mid_epoch_and_resume_ends_with_the_same_weights(betons, reference_
 RANGER = ("--training.optimizer=radam", "--training.lookahead_steps=3", "--training.adam_beta1=0.95",
           "--training.adam_beta2=0.99", "--training.adam_eps=1e-6", "--training.weight_decay=0.01",
           "--lr.lr=0.004", "--lr.lr_schedule_type=flat_cos", "--lr.flat_fraction=0.5",
-          "--model.activation=mish")
+          "--model.activation=mish", "--training.ema_decay=0.9")
 
 
 @pytest.mark.slow
-def test_ranger_flat_cos_mish_run_resumes_to_the_same_weights(betons, tmp_path):
+def test_ranger_flat_cos_mish_run_resumes_to_the_same_weights(betons, tmp_path, capsys):
     """RAdam + Lookahead (k=3, so the kill at step 4 of epoch 1 falls between two syncs), the
-    flat-then-cosine schedule and Mish, through the engine: killed and resumed equals straight."""
+    flat-then-cosine schedule, Mish and a weight average, through the engine: killed and resumed
+    equals straight, the weight average included; it is what validation and eval_only measure."""
     straight = tmp_path / "straight"
     assert train.main(run_args(*betons, straight, *RANGER), launched_at=time.time()) == 0
     lrs = [r["lr"] for r in records(straight, "epoch")]
@@ -338,6 +339,8 @@ def test_ranger_flat_cos_mish_run_resumes_to_the_same_weights(betons, tmp_path):
     assert lrs[1] < 0.004 and lrs[2] < 1e-4      # the logged lr is the last step's (epoch 2.9)
     params = json.loads((straight / "params.json").read_text())
     assert params["model"]["activation"] == "mish" and params["training"]["lookahead_steps"] == 3
+    epochs = records(straight, "epoch")
+    assert "top_1_no_ema" in epochs[-1] and not any("top_1_no_ema" in r for r in epochs[:-1])
 
     killed = tmp_path / "killed"
     out = subprocess.run([sys.executable, "-m", "ffcv_imagenet.train", *run_args(*betons, killed, *RANGER)],
@@ -353,6 +356,19 @@ def test_ranger_flat_cos_mish_run_resumes_to_the_same_weights(betons, tmp_path):
     assert resumed["optimizer"]["lookahead"]["counter"] == expected["optimizer"]["lookahead"]["counter"] == 30
     for a, b in zip(expected["optimizer"]["lookahead"]["slow"], resumed["optimizer"]["lookahead"]["slow"]):
         assert torch.equal(a, b)
+    assert resumed["ema"]["updates"] == expected["ema"]["updates"] == 30
+    for k, v in expected["ema"]["module"].items():
+        assert torch.equal(v, resumed["ema"]["module"][k]), k
+    assert not torch.equal(expected["ema"]["module"]["fc.weight"], expected["model"]["fc.weight"])
+
+    capsys.readouterr()
+    _, val = betons
+    assert train.main([f"--data.val_dataset={val}", "--training.eval_only=1",
+                       f"--training.checkpoint={straight / 'checkpoint.pt'}", "--training.device=cpu",
+                       "--training.cpu_threads=1", "--data.num_workers=1", "--logging.progress=0",
+                       "--validation.resolution=32", "--validation.lr_tta=0"]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["weights"] == "ema" and printed["val_loss"] == pytest.approx(epochs[-1]["val_loss"])
 
 
 def test_resume_drops_epochs_the_checkpoint_does_not_hold(tmp_path):
