@@ -243,7 +243,7 @@ def declare() -> Config:
         "model", "network",
         arch=Param(StrictStr(), "torchvision classification arch", default="resnet50"),
         resnet_d=Param(StrictBool(), "ResNet-D tweak (deep stem, avg-pool shortcut)", default=False),
-        activation=Param(Choice("relu", "mish"), "activation of every ReLU in the network (mish: Misra 2019)", default="relu"),
+        activation=Param(Choice("relu", "mish", "silu"), "activation of every ReLU in the network (mish: Misra 2019; silu = swish, Ramachandran et al. 2017)", default="relu"),
         zero_init_residual=Param(StrictBool(), "zero-init the last BN gamma of each residual block", default=True),
         xavier_init=Param(StrictBool(), "Xavier init of convs and linear layers", default=False),
     )

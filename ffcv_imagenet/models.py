@@ -222,7 +222,7 @@ def create_model(arch: str, *, num_classes: int = 1000, zero_init_residual: bool
     return model
 
 
-ACTIVATIONS = {"relu": torch.nn.ReLU, "mish": torch.nn.Mish}
+ACTIVATIONS = {"relu": torch.nn.ReLU, "mish": torch.nn.Mish, "silu": torch.nn.SiLU}
 
 
 def replace_activation(model: torch.nn.Module, activation: str) -> int:

@@ -158,24 +158,26 @@ def test_other_torchvision_arch_and_parameter_count():
     assert count_parameters(create_model("resnet50")) == 25_557_032  # torchvision's figure
 
 
-@pytest.mark.parametrize("arch, resnet_d", [("resnet18", False), ("resnet50", True)])
-def test_mish_replaces_every_relu(arch, resnet_d):
+@pytest.mark.parametrize("arch, resnet_d, activation, module",
+                         [("resnet18", False, "mish", torch.nn.Mish), ("resnet50", True, "mish", torch.nn.Mish),
+                          ("resnet50", True, "silu", torch.nn.SiLU)])
+def test_activation_replaces_every_relu(arch, resnet_d, activation, module):
     relu = create_model(arch, num_classes=5, resnet_d=resnet_d)
     n_relu = sum(isinstance(m, torch.nn.ReLU) for m in relu.modules())
-    mish = create_model(arch, num_classes=5, resnet_d=resnet_d, activation="mish")
-    assert not any(isinstance(m, torch.nn.ReLU) for m in mish.modules())
-    assert sum(isinstance(m, torch.nn.Mish) for m in mish.modules()) == n_relu > 0
+    other = create_model(arch, num_classes=5, resnet_d=resnet_d, activation=activation)
+    assert not any(isinstance(m, torch.nn.ReLU) for m in other.modules())
+    assert sum(isinstance(m, module) for m in other.modules()) == n_relu > 0
     # same weights, different activation: different outputs (a negative pre-activation survives)
-    mish.load_state_dict(relu.state_dict())
-    for m in (relu, mish):
+    other.load_state_dict(relu.state_dict())
+    for m in (relu, other):
         for block in blocks(m):
             torch.nn.init.ones_(last_bn(block).weight)   # undo zero-init so blocks contribute
     x = torch.randn(2, 3, 64, 64)
-    relu.eval(), mish.eval()
-    assert not torch.allclose(relu(x), mish(x))
-    assert mish(x).shape == (2, 5) and torch.isfinite(mish(x)).all()
+    relu.eval(), other.eval()
+    assert not torch.allclose(relu(x), other(x))
+    assert other(x).shape == (2, 5) and torch.isfinite(other(x)).all()
 
 
 def test_unknown_activation_is_refused_naming_the_valid_ones():
-    with pytest.raises(ValueError, match="relu, mish"):
+    with pytest.raises(ValueError, match="relu, mish, silu"):
         replace_activation(torch.nn.Sequential(torch.nn.ReLU()), "swish")
