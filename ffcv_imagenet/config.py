@@ -244,6 +244,8 @@ def declare() -> Config:
         arch=Param(StrictStr(), "torchvision classification arch", default="resnet50"),
         resnet_d=Param(StrictBool(), "ResNet-D tweak (deep stem, avg-pool shortcut)", default=False),
         activation=Param(Choice("relu", "mish", "silu"), "activation of every ReLU in the network (mish: Misra 2019; silu = swish, Ramachandran et al. 2017)", default="relu"),
+        stem_pool=Param(Choice("max", "maxblur"), "ResNet stem pooling: max (3x3, stride 2) or maxblur (max stride 1, then a stride-2 binomial blur; Zhang 2019)", default="max"),
+        self_attention=Param(StrictBool(), "ResNet: SimpleSelfAttention (Grankin 2019) on the residual branch of the first stage's last block", default=False),
         zero_init_residual=Param(StrictBool(), "zero-init the last BN gamma of each residual block", default=True),
         xavier_init=Param(StrictBool(), "Xavier init of convs and linear layers", default=False),
     )

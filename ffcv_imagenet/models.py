@@ -21,6 +21,13 @@ applies, in this order:
    ResNet-D turned to stride 1. The wrapper keeps ffcv-imagenet's attribute name `conv`, so the
    conv weights of a BlurPool model are stored as `<name>.conv.weight` in both projects; the
    blur filter is a constant and is not saved in state dicts.
+5. Activation (optional): every ReLU module becomes Mish or SiLU.
+6. Max-blur stem pool (optional, ResNets only): the stem's MaxPool2d(3, stride 2) becomes
+   MaxPool2d(3, stride 1) followed by a stride-2 binomial blur (Zhang 2019, "Making convolutional
+   networks shift-invariant again"); same output size, no parameters.
+7. Self-attention (optional, ResNets only): the last block of the first stage gets a
+   `SimpleSelfAttention` (Grankin 2019) on its residual branch, after the branch's last BN and
+   before the addition. With gamma initialised to 0 it starts as the identity.
 
 `count_parameters(model)` counts trainable parameters.
 """
@@ -32,14 +39,19 @@ import torch.nn.functional as F
 
 
 class BlurPool2d(torch.nn.Module):
-    """Fixed depthwise 3x3 binomial blur ([1,2,1]x[1,2,1]/16), stride 1, same spatial size.
+    """Fixed depthwise 3x3 binomial blur ([1,2,1]x[1,2,1]/16), padding 1.
 
-    `padding_mode` is 'zeros' (ffcv-imagenet's choice) or 'reflect' / 'replicate'. Works with
-    channels-last inputs (a grouped conv keeps the memory format).
+    Stride 1 (the default) keeps the spatial size; stride 2 halves it (rounding up), which is
+    the blur-then-subsample half of Zhang's anti-aliased pooling. `padding_mode` is 'zeros'
+    (ffcv-imagenet's choice) or 'reflect' / 'replicate'. Works with channels-last inputs (a
+    grouped conv keeps the memory format).
     """
 
-    def __init__(self, channels: int, padding_mode: str = "zeros"):
+    def __init__(self, channels: int, padding_mode: str = "zeros", stride: int = 1):
         super().__init__()
+        if stride not in (1, 2):
+            raise ValueError(f"stride must be 1 or 2, got {stride}")
+        self.stride = stride
         if padding_mode not in ("zeros", "reflect", "replicate"):
             raise ValueError(f"padding_mode must be 'zeros', 'reflect' or 'replicate', "
                              f"got {padding_mode!r}")
@@ -53,12 +65,12 @@ class BlurPool2d(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.filter.to(dtype=x.dtype)
         if self.padding_mode == "zeros":
-            return F.conv2d(x, weight, stride=1, padding=1, groups=self.channels)
+            return F.conv2d(x, weight, stride=self.stride, padding=1, groups=self.channels)
         padded = F.pad(x, (1, 1, 1, 1), mode=self.padding_mode)
-        return F.conv2d(padded, weight, stride=1, padding=0, groups=self.channels)
+        return F.conv2d(padded, weight, stride=self.stride, padding=0, groups=self.channels)
 
     def extra_repr(self) -> str:
-        return f"{self.channels}, padding_mode={self.padding_mode!r}"
+        return f"{self.channels}, padding_mode={self.padding_mode!r}, stride={self.stride}"
 
 
 class BlurConv2d(torch.nn.Module):
@@ -87,6 +99,60 @@ def apply_blurpool(model: torch.nn.Module, *, min_in_channels: int = 16,
             setattr(model, name, BlurConv2d(child, padding_mode=padding_mode))
         else:
             apply_blurpool(child, min_in_channels=min_in_channels, padding_mode=padding_mode)
+    return model
+
+
+class SimpleSelfAttention(torch.nn.Module):
+    """out = x + gamma * (X X^T) (W X), X = x as (batch, C, H*W), W a 1x1 projection.
+
+    Attention without a softmax whose cost is linear in the number of positions (C x C products),
+    as in Grankin's "SimpleSelfAttention". W is spectrally normalised (its largest singular value
+    held at 1 by torch's power-iteration parametrization) and gamma, a learned scalar, starts at
+    0, so the layer is the identity at initialisation. The products run in float32 even under
+    autocast: X X^T sums H*W products per entry.
+    """
+
+    def __init__(self, channels: int):
+        super().__init__()
+        proj = torch.nn.Linear(channels, channels, bias=False)
+        torch.nn.init.kaiming_normal_(proj.weight, nonlinearity="linear")
+        self.proj = torch.nn.utils.parametrizations.spectral_norm(proj)
+        self.gamma = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            flat = x.float().reshape(b, c, h * w)                       # (B, C, N)
+            projected = torch.matmul(self.proj.weight.float(), flat)    # W X: (B, C, N)
+            gram = torch.bmm(flat, flat.transpose(1, 2))                # X X^T: (B, C, C)
+            attended = torch.bmm(gram, projected).reshape(b, c, h, w)
+        return x + (self.gamma * attended).to(x.dtype)
+
+
+def apply_max_blur_pool(model: torch.nn.Module) -> torch.nn.Module:
+    """Replace a torchvision ResNet's stem MaxPool2d(3, 2, 1) with max (stride 1) + blur (stride 2)."""
+    import torchvision
+
+    if not isinstance(model, torchvision.models.ResNet):
+        raise ValueError(f"stem_pool=maxblur applies to torchvision ResNets only, got {type(model).__name__}")
+    channels = model.layer1[0].conv1.in_channels
+    model.maxpool = torch.nn.Sequential(torch.nn.MaxPool2d(3, stride=1, padding=1),
+                                        BlurPool2d(channels, stride=2))
+    return model
+
+
+def apply_self_attention(model: torch.nn.Module) -> torch.nn.Module:
+    """Put a SimpleSelfAttention on the residual branch of the last block of `model.layer1`."""
+    import torchvision
+    from torchvision.models.resnet import BasicBlock, Bottleneck
+
+    if not isinstance(model, torchvision.models.ResNet):
+        raise ValueError(f"self_attention applies to torchvision ResNets only, got {type(model).__name__}")
+    block = model.layer1[-1]
+    name = "bn3" if isinstance(block, Bottleneck) else "bn2"
+    assert isinstance(block, (BasicBlock, Bottleneck))
+    bn = getattr(block, name)
+    setattr(block, name, torch.nn.Sequential(bn, SimpleSelfAttention(bn.num_features)))
     return model
 
 
@@ -193,7 +259,8 @@ def zero_init_last_bn(model: torch.nn.Module) -> int:
 def create_model(arch: str, *, num_classes: int = 1000, zero_init_residual: bool = True,
                  use_blurpool: bool = False, resnet_d: bool = False,
                  xavier_init: bool = False, activation: str = "relu",
-                 blurpool_padding_mode: str = "zeros") -> torch.nn.Module:
+                 blurpool_padding_mode: str = "zeros", stem_pool: str = "max",
+                 self_attention: bool = False) -> torch.nn.Module:
     """A randomly initialised torchvision classification model `arch` with the recipe's tweaks.
 
     Unknown `arch` -> ValueError naming it and the closest valid names. Never downloads weights.
@@ -219,6 +286,12 @@ def create_model(arch: str, *, num_classes: int = 1000, zero_init_residual: bool
         apply_blurpool(model, padding_mode=blurpool_padding_mode)
     if activation != "relu":
         replace_activation(model, activation)
+    if stem_pool == "maxblur":
+        apply_max_blur_pool(model)
+    elif stem_pool != "max":
+        raise ValueError(f"stem_pool must be 'max' or 'maxblur', got {stem_pool!r}")
+    if self_attention:
+        apply_self_attention(model)
     return model
 
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from ffcv_imagenet.models import (BlurConv2d, BlurPool2d, apply_blurpool, count_parameters,
-                                  create_model, replace_activation)
+from ffcv_imagenet.models import (BlurConv2d, BlurPool2d, SimpleSelfAttention, apply_blurpool,
+                                  count_parameters, create_model, replace_activation)
 
 
 def blocks(model):
@@ -181,3 +181,67 @@ def test_activation_replaces_every_relu(arch, resnet_d, activation, module):
 def test_unknown_activation_is_refused_naming_the_valid_ones():
     with pytest.raises(ValueError, match="relu, mish, silu"):
         replace_activation(torch.nn.Sequential(torch.nn.ReLU()), "swish")
+
+
+@pytest.mark.parametrize("size", [32, 33])
+def test_max_blur_stem_pool_keeps_the_shape_and_blurs_the_stride_1_max(size):
+    plain = create_model("resnet50", num_classes=4, resnet_d=True)
+    blurred = create_model("resnet50", num_classes=4, resnet_d=True, stem_pool="maxblur")
+    assert blurred.load_state_dict(plain.state_dict()) is not None   # no new parameters
+    x = torch.randn(2, 64, size, size)
+    pooled = blurred.maxpool(x)
+    assert pooled.shape == plain.maxpool(x).shape == (2, 64, (size + 1) // 2, (size + 1) // 2)
+    # by hand at an interior output pixel (i, j): the 3x3 max at stride 1, then the
+    # [1,2,1]x[1,2,1]/16 weighted sum around input pixel (2i, 2j)
+    m = torch.nn.functional.max_pool2d(x, 3, stride=1, padding=1)
+    taps = torch.tensor([1.0, 2.0, 1.0])
+    kernel = taps[:, None] * taps[None, :] / 16
+    i, j = 3, 5
+    expected = (m[:, :, 2 * i - 1:2 * i + 2, 2 * j - 1:2 * j + 2] * kernel).sum(dim=(2, 3))
+    torch.testing.assert_close(pooled[:, :, i, j], expected)
+    assert not torch.allclose(pooled, plain.maxpool(x))
+    blurred.eval()
+    assert blurred(torch.randn(1, 3, 64, 64)).shape == (1, 4)
+    with pytest.raises(ValueError, match="stem_pool"):
+        create_model("resnet18", stem_pool="avg")
+    with pytest.raises(ValueError, match="ResNets only"):
+        create_model("mobilenet_v3_small", stem_pool="maxblur")
+
+
+def test_simple_self_attention_by_hand():
+    torch.manual_seed(0)
+    layer = SimpleSelfAttention(6)
+    x = torch.randn(2, 6, 4, 5)
+    torch.testing.assert_close(layer(x), x)          # gamma starts at 0: the identity
+    with torch.no_grad():
+        layer.gamma.fill_(0.3)
+    layer.eval()                                     # no power iteration: a fixed W
+    w = layer.proj.weight.detach()
+    assert torch.linalg.matrix_norm(w, ord=2).item() == pytest.approx(1.0, rel=0.05)
+    flat = x.reshape(2, 6, 20)
+    expected = torch.stack([flat[b] @ flat[b].T @ (w @ flat[b]) for b in range(2)])
+    torch.testing.assert_close(layer(x), x + 0.3 * expected.reshape(2, 6, 4, 5))
+    # channels-last input, bf16 autocast: the same figures to bf16 precision
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x.to(memory_format=torch.channels_last))
+    torch.testing.assert_close(out.float(), layer(x), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_self_attention_sits_on_the_first_stages_last_branch(arch):
+    torch.manual_seed(0)
+    model = create_model(arch, num_classes=4, resnet_d=True, self_attention=True)
+    found = [name for name, m in model.named_modules() if isinstance(m, SimpleSelfAttention)]
+    last = len(model.layer1) - 1
+    assert found == [f"layer1.{last}.{'bn3' if arch == 'resnet50' else 'bn2'}.1"]
+    assert count_parameters(model) == count_parameters(create_model(arch, num_classes=4, resnet_d=True)) \
+        + 1 + model.layer1[-1].conv1.in_channels ** 2
+    # it learns: gamma and W get gradients once the branch is non-zero
+    for block in blocks(model):
+        torch.nn.init.ones_(last_bn(block)[0].weight if block is model.layer1[-1] else last_bn(block).weight)
+    model.train()
+    model(torch.randn(2, 3, 64, 64)).sum().backward()
+    sa = model.get_submodule(found[0])
+    assert sa.gamma.grad is not None and sa.gamma.grad.abs() > 0
+    with pytest.raises(ValueError, match="ResNets only"):
+        create_model("mobilenet_v3_small", self_attention=True)

@@ -324,13 +324,15 @@ def test_kill_mid_epoch_and_resume_ends_with_the_same_weights(betons, reference_
 RANGER = ("--training.optimizer=radam", "--training.lookahead_steps=3", "--training.adam_beta1=0.95",
           "--training.adam_beta2=0.99", "--training.adam_eps=1e-6", "--training.weight_decay=0.01",
           "--lr.lr=0.004", "--lr.lr_schedule_type=flat_cos", "--lr.flat_fraction=0.5",
-          "--model.activation=mish", "--training.ema_decay=0.9")
+          "--model.activation=mish", "--training.ema_decay=0.9", "--model.stem_pool=maxblur",
+          "--model.self_attention=1")
 
 
 @pytest.mark.slow
 def test_ranger_flat_cos_mish_run_resumes_to_the_same_weights(betons, tmp_path, capsys):
     """RAdam + Lookahead (k=3, so the kill at step 4 of epoch 1 falls between two syncs), the
-    flat-then-cosine schedule, Mish and a weight average, through the engine: killed and resumed
+    flat-then-cosine schedule, Mish, the max-blur stem, self-attention (its spectral norm's power
+    iteration state included) and a weight average, through the engine: killed and resumed
     equals straight, the weight average included; it is what validation and eval_only measure."""
     straight = tmp_path / "straight"
     assert train.main(run_args(*betons, straight, *RANGER), launched_at=time.time()) == 0
@@ -339,6 +341,7 @@ def test_ranger_flat_cos_mish_run_resumes_to_the_same_weights(betons, tmp_path, 
     assert lrs[1] < 0.004 and lrs[2] < 1e-4      # the logged lr is the last step's (epoch 2.9)
     params = json.loads((straight / "params.json").read_text())
     assert params["model"]["activation"] == "mish" and params["training"]["lookahead_steps"] == 3
+    assert params["model"]["self_attention"] and params["model"]["stem_pool"] == "maxblur"
     epochs = records(straight, "epoch")
     assert "top_1_no_ema" in epochs[-1] and not any("top_1_no_ema" in r for r in epochs[:-1])
 
@@ -353,6 +356,7 @@ def test_ranger_flat_cos_mish_run_resumes_to_the_same_weights(betons, tmp_path, 
     expected, resumed = load_checkpoint(straight / "checkpoint.pt"), load_checkpoint(killed / "checkpoint.pt")
     different = [k for k in expected["model"] if not torch.equal(expected["model"][k], resumed["model"][k])]
     assert not different, different
+    assert "layer1.1.bn2.1.gamma" in expected["model"] and expected["model"]["layer1.1.bn2.1.gamma"] != 0
     assert resumed["optimizer"]["lookahead"]["counter"] == expected["optimizer"]["lookahead"]["counter"] == 30
     for a, b in zip(expected["optimizer"]["lookahead"]["slow"], resumed["optimizer"]["lookahead"]["slow"]):
         assert torch.equal(a, b)
