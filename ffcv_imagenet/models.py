@@ -129,6 +129,13 @@ class SimpleSelfAttention(torch.nn.Module):
         return x + (self.gamma * attended).to(x.dtype)
 
 
+def _last_bn_name(block: torch.nn.Module):
+    """Attribute name of the last BN of a torchvision residual block's branch, None for other modules."""
+    from torchvision.models.resnet import BasicBlock, Bottleneck
+
+    return "bn3" if isinstance(block, Bottleneck) else "bn2" if isinstance(block, BasicBlock) else None
+
+
 def apply_max_blur_pool(model: torch.nn.Module) -> torch.nn.Module:
     """Replace a torchvision ResNet's stem MaxPool2d(3, 2, 1) with max (stride 1) + blur (stride 2)."""
     import torchvision
@@ -144,13 +151,11 @@ def apply_max_blur_pool(model: torch.nn.Module) -> torch.nn.Module:
 def apply_self_attention(model: torch.nn.Module) -> torch.nn.Module:
     """Put a SimpleSelfAttention on the residual branch of the last block of `model.layer1`."""
     import torchvision
-    from torchvision.models.resnet import BasicBlock, Bottleneck
 
     if not isinstance(model, torchvision.models.ResNet):
         raise ValueError(f"self_attention applies to torchvision ResNets only, got {type(model).__name__}")
     block = model.layer1[-1]
-    name = "bn3" if isinstance(block, Bottleneck) else "bn2"
-    assert isinstance(block, (BasicBlock, Bottleneck))
+    name = _last_bn_name(block)
     bn = getattr(block, name)
     setattr(block, name, torch.nn.Sequential(bn, SimpleSelfAttention(bn.num_features)))
     return model
@@ -245,11 +250,10 @@ def apply_xavier_init(model: torch.nn.Module) -> torch.nn.Module:
 
 def zero_init_last_bn(model: torch.nn.Module) -> int:
     """Set γ of the last BN of every ResNet residual branch to 0, in place; returns how many."""
-    from torchvision.models.resnet import BasicBlock, Bottleneck
-
     count = 0
     for m in model.modules():
-        bn = m.bn3 if isinstance(m, Bottleneck) else m.bn2 if isinstance(m, BasicBlock) else None
+        name = _last_bn_name(m)
+        bn = getattr(m, name) if name else None
         if bn is not None and bn.weight is not None:
             torch.nn.init.zeros_(bn.weight)
             count += 1
