@@ -157,6 +157,9 @@ def apply_self_attention(model: torch.nn.Module) -> torch.nn.Module:
     block = model.layer1[-1]
     name = _last_bn_name(block)
     bn = getattr(block, name)
+    if not isinstance(bn, torch.nn.BatchNorm2d):
+        raise ValueError(f"self_attention: layer1's last block already has {type(bn).__name__} "
+                         f"as {name}; apply self-attention once, before any other change to that branch")
     setattr(block, name, torch.nn.Sequential(bn, SimpleSelfAttention(bn.num_features)))
     return model
 
@@ -254,6 +257,8 @@ def zero_init_last_bn(model: torch.nn.Module) -> int:
     for m in model.modules():
         name = _last_bn_name(m)
         bn = getattr(m, name) if name else None
+        if isinstance(bn, torch.nn.Sequential):     # (BN, self-attention) from apply_self_attention
+            bn = bn[0]
         if bn is not None and bn.weight is not None:
             torch.nn.init.zeros_(bn.weight)
             count += 1

@@ -245,3 +245,18 @@ def test_self_attention_sits_on_the_first_stages_last_branch(arch):
     assert sa.gamma.grad is not None and sa.gamma.grad.abs() > 0
     with pytest.raises(ValueError, match="ResNets only"):
         create_model("mobilenet_v3_small", self_attention=True)
+
+
+def test_zero_init_and_self_attention_compose():
+    """zero_init_last_bn after apply_self_attention still finds every branch's last BN; a second
+    apply_self_attention is refused rather than nesting a wrapper."""
+    from ffcv_imagenet.models import apply_self_attention, zero_init_last_bn
+
+    model = create_model("resnet18", num_classes=4, zero_init_residual=False, self_attention=True)
+    for block in blocks(model):
+        bn = last_bn(block)
+        (bn[0] if block is model.layer1[-1] else bn).weight.data.fill_(1.0)
+    assert zero_init_last_bn(model) == len(blocks(model))
+    assert model.layer1[-1].bn2[0].weight.abs().sum() == 0
+    with pytest.raises(ValueError, match="already has Sequential as bn2"):
+        apply_self_attention(model)
