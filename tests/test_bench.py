@@ -9,7 +9,7 @@ from ffcv_imagenet import bench
 
 REQUIRED = ("loader_img_s", "loader_1core_img_s", "ffcv_loader_img_s", "ffcv_loader_1core_img_s",
             "ffcv_raw50_loader_img_s", "torchvision_loader_img_s", "model_img_s", "e2e_img_s",
-            "writer_img_s", "ffcv_writer_img_s")
+            "writer_img_s", "ffcv_writer_img_s", "mish_torch_img_s", "mish_fast_img_s")
 
 
 @pytest.mark.slow
@@ -31,9 +31,12 @@ def test_bench_quick_measures_everything(tmp_path, capsys):
     # a ratio of two passes timed one after the other: no bound on it holds while other work
     # shares the CPU (3.6 was seen with a training run beside the suite), so only its form
     assert ratios["e2e_over_model"] == pytest.approx(result["e2e_img_s"] / result["model_img_s"])
+    assert ratios["fast_mish_over_torch_mish"] == pytest.approx(
+        result["mish_fast_img_s"] / result["mish_torch_img_s"])
     assert result["images"]["count"] == 192 and result["images"]["distinct"] == 24
     printed = capsys.readouterr().out
     assert "| this / stock ffcv, same file |" in printed and "ffcv-imagenet write" in printed
+    assert "| FastMish / torch's Mish |" in printed
     assert "command: ffcv-imagenet bench --quick --json" in printed
 
 

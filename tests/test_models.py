@@ -260,3 +260,73 @@ def test_zero_init_and_self_attention_compose():
     assert model.layer1[-1].bn2[0].weight.abs().sum() == 0
     with pytest.raises(ValueError, match="already has Sequential as bn2"):
         apply_self_attention(model)
+
+
+def _mish_pair(x, grad):
+    """(output, input gradient) of FastMish and of torch's Mish for the same input and gradient."""
+    from ffcv_imagenet.models import FastMish
+
+    results = []
+    for module in (FastMish(), torch.nn.Mish()):
+        leaf = x.detach().clone().requires_grad_(True)
+        out = module(leaf)
+        out.backward(grad)
+        results.append((out, leaf.grad))
+    return results
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "transposed"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fast_mish_matches_torch_mish(layout, dtype):
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 5, 7) * 6
+    x[0, 0, 0, :5] = torch.tensor([-100.0, -30.0, 0.0, 25.0, 100.0])   # both tails and the clamp
+    grad = torch.randn(2, 6, 5, 7)
+    if layout == "channels_last":
+        x, grad = (t.contiguous(memory_format=torch.channels_last) for t in (x, grad))
+    elif layout == "transposed":                         # neither layout: copied, still right
+        x, grad = x.transpose(2, 3), grad.transpose(2, 3)
+    x, grad = x.to(dtype), grad.to(dtype)
+    (fast_out, fast_grad), (ref_out, ref_grad) = _mish_pair(x, grad)
+    from ffcv_imagenet import models
+    assert models._MISH_KERNELS["fwd"] is not None, "the compiled path was not taken"
+    assert fast_out.dtype == fast_grad.dtype == dtype and fast_out.shape == x.shape
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=8e-3, atol=8e-3)
+    torch.testing.assert_close(fast_out, ref_out, **tol)
+    torch.testing.assert_close(fast_grad, ref_grad, **tol)
+    if layout == "channels_last":                        # the layout a channels-last model needs
+        assert fast_out.is_contiguous(memory_format=torch.channels_last)
+    assert torch.isfinite(fast_out).all() and torch.isfinite(fast_grad).all()
+
+
+def test_fast_mish_falls_back_to_torch_when_compiling_fails(monkeypatch):
+    from ffcv_imagenet import models
+
+    def broken_compile(*args, **kwargs):
+        raise RuntimeError("no C compiler")
+
+    monkeypatch.setattr(models, "_MISH_KERNELS", {})
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    x = torch.randn(3, 4, 5, 5)
+    with pytest.warns(UserWarning, match="torch.compile failed .*no C compiler"):
+        out = models.FastMish()(x)
+    assert torch.equal(out, torch.nn.functional.mish(x))
+    assert models._MISH_KERNELS == {"fwd": None, "bwd": None}
+
+
+def test_mish_model_trains_with_fast_mish_under_bf16_autocast():
+    from ffcv_imagenet.models import FastMish
+
+    torch.manual_seed(0)
+    model = create_model("resnet18", num_classes=4, resnet_d=True, activation="mish")
+    assert sum(isinstance(m, FastMish) for m in model.modules()) > 0
+    model = model.to(memory_format=torch.channels_last)
+    for block in blocks(model):
+        torch.nn.init.ones_(last_bn(block).weight)
+    x = torch.randn(4, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = torch.nn.functional.cross_entropy(model(x), torch.tensor([0, 1, 2, 3]))
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert model.conv1[0].weight.grad.abs().sum() > 0     # the gradient reached the stem
