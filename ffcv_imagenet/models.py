@@ -160,7 +160,13 @@ def _mish_kernel(which: str):
     if which not in _MISH_KERNELS:
         fn = {"fwd": _mish_forward, "bwd": _mish_backward}[which]
         try:
-            compiled = torch.compile(fn, dynamic=True)
+            # One kernel serves every size (dynamic shapes). Inductor would decide from the first
+            # call's size whether to split the loop over threads, and cache that choice on disk
+            # for every later size and process: a first small call would leave training on one
+            # core. These options make every kernel parallel, with OpenMP's thread count read
+            # at run time (torch.set_num_threads), whatever size it was compiled for.
+            compiled = torch.compile(fn, dynamic=True,
+                                     options={"cpp.min_chunk_size": 1, "cpp.dynamic_threads": True})
             compiled(torch.zeros(4), *((torch.zeros(4),) if which == "bwd" else ()))
             _MISH_KERNELS[which] = compiled
         except Exception as exc:   # compile errors come in many types; the fallback is exact
