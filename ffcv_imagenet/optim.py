@@ -161,9 +161,10 @@ class Lookahead:
         self.counter += 1
         if self.counter % self.steps == 0:
             params = [p for group in self.param_groups for p in group["params"]]
-            for fast, slow in zip(params, self.slow):
-                slow.add_(fast.detach().to(slow.dtype) - slow, alpha=self.alpha)
-                fast.copy_(slow)
+            # slow += alpha (fast - slow); fast = slow, over all tensors at once
+            torch._foreach_lerp_(self.slow, [p.detach().to(s.dtype) for p, s in zip(params, self.slow)],
+                                 self.alpha)
+            torch._foreach_copy_(params, self.slow)
         return loss
 
     def state_dict(self) -> dict:
@@ -255,13 +256,13 @@ def create_optimizer(model: torch.nn.Module, *, name: str = "sgd", lr: float,
         if nesterov and momentum <= 0:
             raise ValueError(f"nesterov needs momentum > 0, got momentum={momentum}")
         opt = torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov,
-                              weight_decay=weight_decay)
+                              weight_decay=weight_decay, foreach=True)
     elif name == "adamw":
         opt = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=1e-8 if eps is None else eps,
-                                weight_decay=weight_decay)
+                                weight_decay=weight_decay, foreach=True)
     elif name == "radam":
         opt = torch.optim.RAdam(groups, lr=lr, betas=betas, eps=1e-8 if eps is None else eps,
-                                weight_decay=weight_decay, decoupled_weight_decay=True)
+                                weight_decay=weight_decay, decoupled_weight_decay=True, foreach=True)
     else:
         for group in groups:
             group["layer_adaptation"] = group["name"] == "decay"
