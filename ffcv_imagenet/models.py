@@ -219,12 +219,17 @@ class FastMish(torch.nn.Mish):
     Mish, x tanh(softplus(x)) (Misra 2019), costs a third of a ResNet-50 training step on a CPU
     with torch's kernel. The compiled pair computes in float32 and returns the input's dtype;
     values match torch's to float rounding. On the CPU it never works in place (the input is
-    saved for the backward, as torch's out-of-place Mish does). On other devices, or when
-    compiling fails, it is torch's Mish.
+    saved for the backward, as torch's out-of-place Mish does). On other devices, for other
+    dtypes, in deterministic mode or when compiling fails, it is torch's Mish.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu" or _mish_kernel("fwd") is None:
+        # Bitwise-reproducible runs (torch.use_deterministic_algorithms, the engine's
+        # training.deterministic) keep torch's kernel: which elements the compiled kernel
+        # computes in vector lanes and which in its scalar tail depends on how the kernel was
+        # specialised in that process, and the two round exp differently in the last bit.
+        if (x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16)
+                or torch.are_deterministic_algorithms_enabled() or _mish_kernel("fwd") is None):
             return F.mish(x, inplace=self.inplace)
         return _MishFunction.apply(x)
 

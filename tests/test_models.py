@@ -330,3 +330,21 @@ def test_mish_model_trains_with_fast_mish_under_bf16_autocast():
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     assert model.conv1[0].weight.grad.abs().sum() > 0     # the gradient reached the stem
+
+
+def test_fast_mish_is_torch_mish_in_deterministic_mode(monkeypatch):
+    # Reproducible runs keep torch's kernel: a compiled kernel's vector lanes and scalar tail
+    # round exp differently, and which elements fall where depends on how it was specialised.
+    from ffcv_imagenet import models
+
+    def no_kernel(which):
+        raise AssertionError("the compiled kernel was asked for in deterministic mode")
+
+    x = torch.randn(2, 3, 7, 7) * 4
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        monkeypatch.setattr(models, "_mish_kernel", no_kernel)
+        assert torch.equal(models.FastMish()(x), torch.nn.functional.mish(x))
+    finally:
+        torch.use_deterministic_algorithms(before)
