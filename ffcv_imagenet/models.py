@@ -22,8 +22,8 @@ applies, in this order:
    conv weights of a BlurPool model are stored as `<name>.conv.weight` in both projects; the
    blur filter is a constant and is not saved in state dicts.
 5. Activation (optional): every ReLU module becomes Mish or SiLU. On the CPU, Mish runs as two
-   compiled one-exp kernels (`FastMish`, same values as torch's to float rounding, about 3x
-   faster over a training step's worth of activations); elsewhere it is torch's own.
+   compiled one-exp kernels (`FastMish`, same values as torch's to float rounding; `ffcv-imagenet
+   bench` measures the training speed against torch's kernel); elsewhere it is torch's own.
 6. Max-blur stem pool (optional, ResNets only): the stem's MaxPool2d(3, stride 2) becomes
    MaxPool2d(3, stride 1) followed by a stride-2 binomial blur (Zhang 2019, "Making convolutional
    networks shift-invariant again"); same output size, no parameters.
