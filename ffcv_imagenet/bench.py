@@ -586,11 +586,12 @@ def run(args, log=print) -> dict:
             per_core[r] = (result.get(f"ffcv_loader_1core_img_s_{r}"), result.get(f"loader_1core_img_s_{r}"))
         result["projection"] = projection(per_core)
 
-        if "training" not in args.skip:
-            model_res = args.model_res or res
-            batch = args.model_batch or (256 if torch.cuda.is_available() else (8 if args.quick else 64))
-            log(f"[bench] training rates: {args.arch} @ {model_res} px, batch {batch}")
+        model_res = args.model_res or res
+        batch = args.model_batch or (256 if torch.cuda.is_available() else (8 if args.quick else 64))
+        if {"training", "mish"} - args.skip:
             result["model_batch"] = batch
+        if "training" not in args.skip:
+            log(f"[bench] training rates: {args.arch} @ {model_res} px, batch {batch}")
             result["model_img_s"] = training_rate(args.arch, model_res, batch, args.train_seconds, log=log)
             import torch as _t
 
@@ -603,10 +604,7 @@ def run(args, log=print) -> dict:
             result["e2e_img_s"] = training_rate(args.arch, model_res, batch, args.train_seconds,
                                                 batches=loader, log=log)
         if "mish" not in args.skip:
-            model_res = args.model_res or res
-            batch = args.model_batch or (256 if torch.cuda.is_available() else (8 if args.quick else 64))
             log(f"[bench] Mish: torch's kernel against FastMish, {args.arch} @ {model_res} px, batch {batch}")
-            result["model_batch"] = batch
             result["mish_torch_img_s"], result["mish_fast_img_s"] = mish_rates(
                 args.arch, model_res, batch, args.train_seconds, log=log)
     finally:
