@@ -24,8 +24,9 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-EPOCH_FIELDS = ("epoch", "lr", "resolution", "train_loss", "train_images_per_s", "top_1", "top_5",
-                "val_loss", "epoch_s", "elapsed_s")
+EPOCH_FIELDS = ("epoch", "lr", "resolution", "train_loss", "train_images_per_s", "epoch_s", "elapsed_s")
+# null on the epochs that validation.every_n_epochs skips; expected on the others and on the last
+VAL_FIELDS = ("top_1", "top_5", "val_loss")
 DEFAULT_TARGETS = (0.5, 0.6, 0.7, 0.75)
 MARKER = "<!-- report:{name} {edge} -->"
 
@@ -37,6 +38,7 @@ class Run:
     folder: Path
     preset: str = "?"
     planned_epochs: "int | None" = None
+    val_every: int = 1  # validation.every_n_epochs
     world_size: "int | None" = None
     device: str = "?"
     startup_s: "float | None" = None
@@ -126,6 +128,8 @@ def load_run(folder: Path) -> Run:
             run.problems.append(f"params.json unreadable ({e})")
         epochs = _lookup(params, "training.epochs")
         run.planned_epochs = int(epochs) if epochs is not None else None
+        every = _lookup(params, "validation.every_n_epochs")
+        run.val_every = int(every) if isinstance(every, int) and every >= 1 else 1
         preset = _lookup(params, "config_file") or _lookup(params, "preset")
         if preset:
             run.preset = Path(str(preset)).stem
@@ -169,7 +173,18 @@ def load_run(folder: Path) -> Run:
                 run.startup_s = record.get("startup_s")
     run.epochs = [by_epoch[k] for k in sorted(by_epoch, key=lambda e: (e is None, e))]
 
-    missing = sorted({k for rec in run.epochs for k in EPOCH_FIELDS if rec.get(k) is None})
+    missing = {k for rec in run.epochs for k in EPOCH_FIELDS if rec.get(k) is None}
+    for i, rec in enumerate(run.epochs):
+        number = rec.get("epoch")
+        if not isinstance(number, int):
+            validated = True
+        elif run.planned_epochs is not None:
+            validated = (number + 1) % run.val_every == 0 or number + 1 == run.planned_epochs
+        else:
+            validated = (number + 1) % run.val_every == 0 or i == len(run.epochs) - 1
+        if validated:
+            missing |= {k for k in VAL_FIELDS if rec.get(k) is None}
+    missing = sorted(missing)
     if missing:
         run.problems.append("missing " + ", ".join(missing))
     if run.startup_s is None:

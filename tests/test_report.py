@@ -57,6 +57,34 @@ def test_cut_short_and_missing_fields_are_shown_not_dropped(tmp_path):
     assert len([line for line in table.splitlines() if line.startswith("| ")]) == 4  # header + 3 rows
 
 
+def _validate_every(folder, n, blank_epochs):
+    """Rewrite a run's logs as if it validated every `n` epochs; `blank_epochs` lose top-1/5."""
+    params = json.loads((folder / "params.json").read_text())
+    params["validation"] = {"every_n_epochs": n}
+    (folder / "params.json").write_text(json.dumps(params))
+    lines = [json.loads(x) for x in (folder / "log.jsonl").read_text().splitlines()]
+    for rec in lines:
+        if rec.get("type") == "epoch" and rec["epoch"] in blank_epochs:
+            rec.update(top_1=None, top_5=None, val_loss=None)
+    (folder / "log.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+
+
+def test_epochs_skipped_by_validation_every_n_epochs_are_not_flagged(tmp_path):
+    write_run(tmp_path / "sparse", "p", [0.3, 0.4, 0.5, 0.6, 0.7, 0.8])
+    _validate_every(tmp_path / "sparse", 4, blank_epochs={0, 1, 2, 4})  # validated after 4 and 6
+    run = report.load_run(tmp_path / "sparse")
+    assert run.problems == []
+    # 55% is first measured after the 4th epoch (60%): 10 s start-up + 4 epochs of 60 s
+    assert run.time_to(0.55) == 250.0
+    # a hole on an epoch that should have validated (the 4th, or the last) is still flagged
+    write_run(tmp_path / "hole4", "p", [0.3, 0.4, 0.5, 0.6, 0.7, 0.8])
+    _validate_every(tmp_path / "hole4", 4, blank_epochs={0, 1, 2, 3, 4})
+    write_run(tmp_path / "hole_last", "p", [0.3, 0.4, 0.5, 0.6, 0.7, 0.8])
+    _validate_every(tmp_path / "hole_last", 4, blank_epochs={0, 1, 2, 4, 5})
+    for name in ("hole4", "hole_last"):
+        assert report.load_run(tmp_path / name).problems == ["missing top_1, top_5, val_loss"], name
+
+
 def test_resumed_run_keeps_one_record_per_epoch(tmp_path):
     write_run(tmp_path / "r", "p", [0.5, 0.6])
     log = tmp_path / "r" / "log.jsonl"
