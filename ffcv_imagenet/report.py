@@ -24,6 +24,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ffcv_imagenet.schedules import validates_after
+
 EPOCH_FIELDS = ("epoch", "lr", "resolution", "train_loss", "train_images_per_s", "epoch_s", "elapsed_s")
 # null on the epochs that validation.every_n_epochs skips; expected on the others and on the last
 VAL_FIELDS = ("top_1", "top_5", "val_loss")
@@ -174,15 +176,11 @@ def load_run(folder: Path) -> Run:
     run.epochs = [by_epoch[k] for k in sorted(by_epoch, key=lambda e: (e is None, e))]
 
     missing = {k for rec in run.epochs for k in EPOCH_FIELDS if rec.get(k) is None}
-    for i, rec in enumerate(run.epochs):
+    numbered = [rec["epoch"] for rec in run.epochs if isinstance(rec.get("epoch"), int)]
+    planned = run.planned_epochs if run.planned_epochs is not None else max(numbered, default=-1) + 1
+    for rec in run.epochs:
         number = rec.get("epoch")
-        if not isinstance(number, int):
-            validated = True
-        elif run.planned_epochs is not None:
-            validated = (number + 1) % run.val_every == 0 or number + 1 == run.planned_epochs
-        else:
-            validated = (number + 1) % run.val_every == 0 or i == len(run.epochs) - 1
-        if validated:
+        if not isinstance(number, int) or validates_after(number, epochs=planned, every=run.val_every):
             missing |= {k for k in VAL_FIELDS if rec.get(k) is None}
     missing = sorted(missing)
     if missing:

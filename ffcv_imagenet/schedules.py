@@ -36,6 +36,9 @@ Progressive resizing follows ffcv-imagenet's `get_resolution`: `min_res` up to a
 `start_ramp`, `max_res` from `end_ramp` on, and in between the linear interpolation rounded to the
 nearest multiple of 32 (`int(np.round(res / 32)) * 32`, so halves go to the even multiple); the
 result is clamped to [min_res, max_res], which changes nothing for the published presets.
+
+`validates_after(epoch, epochs=..., every=...)` says whether the engine validates after a
+(0-based) epoch: every `every` epochs and always after the last. The report reads logs by it.
 """
 
 import math
@@ -150,6 +153,12 @@ def lr_at(epoch: float, *, schedule: str, peak_lr: float, epochs: int,
     lr_here = _ffcv_step_at_integer(whole, peak_lr, epochs, step_ratio, step_length)
     lr_next = _ffcv_step_at_integer(whole + 1, peak_lr, epochs, step_ratio, step_length)
     return (lr_here + (lr_next - lr_here) * frac) * _warmup_factor(epoch, warmup_epochs)
+
+
+def validates_after(epoch: int, *, epochs: int, every: int) -> bool:
+    """Whether the run validates after 0-based `epoch`: after epochs every, 2*every, ... (1-based)
+    and after the last of `epochs`."""
+    return epoch + 1 == epochs or (epoch + 1) % every == 0
 
 
 def resolution_at(epoch: int, *, min_res: int, max_res: int, start_ramp: int, end_ramp: int,

@@ -36,7 +36,7 @@ from ffcv_imagenet.config import load_config
 from ffcv_imagenet.data import create_train_loader, create_val_loader, prepare_batch
 from ffcv_imagenet.logger import RunLogger, environment
 from ffcv_imagenet.metadata import check_same_classes, read_metadata
-from ffcv_imagenet.schedules import lr_at, resolution_at
+from ffcv_imagenet.schedules import lr_at, resolution_at, validates_after
 
 # Test hook: "EPOCH:STEP" makes rank 0 (or "EPOCH:STEP:RANK": that rank) SIGKILL itself after
 # optimizer step STEP (1-based) of EPOCH (0-based), to test resume after a hard kill in the middle
@@ -452,7 +452,7 @@ def fit(cfg: dict, *, launched_at: float = None) -> dict:
             train_s = time.time() - epoch_start
             last = epoch == epochs - 1
             val = None
-            if last or (epoch + 1) % val_cfg["every_n_epochs"] == 0:
+            if validates_after(epoch, epochs=epochs, every=val_cfg["every_n_epochs"]):
                 val = evaluate(model if ema is None else ema.module, val_loader, device=device,
                                precision=precision, lr_tta=val_cfg["lr_tta"], progress=progress)
                 if ema is not None and last:  # the model itself too, for comparison

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from ffcv_imagenet.schedules import SCHEDULES, lr_at, resolution_at
+from ffcv_imagenet.schedules import SCHEDULES, lr_at, resolution_at, validates_after
 
 HE = dict(schedule="step_warmup", peak_lr=0.4, epochs=90, warmup_epochs=5,
           milestones=(30, 60, 80), step_ratio=0.1)
@@ -186,3 +186,9 @@ def test_resolution_constant_and_errors():
         resolution_at(0, min_res=192, max_res=160, start_ramp=1, end_ramp=2)
     with pytest.raises(ValueError, match="start_ramp"):
         resolution_at(0, min_res=160, max_res=192, start_ramp=5, end_ramp=2)
+
+
+def test_validates_every_n_epochs_and_after_the_last():
+    # 0-based epochs of a 10-epoch run validating every 4: after the 4th, the 8th and the 10th
+    assert [e for e in range(10) if validates_after(e, epochs=10, every=4)] == [3, 7, 9]
+    assert [e for e in range(3) if validates_after(e, epochs=3, every=1)] == [0, 1, 2]
