@@ -9,6 +9,9 @@ On the same images and the same RandomResizedCrop + flip, it measures (images/s)
   dali_loader                 NVIDIA DALI CPU pipeline (decoders.image_random_crop), when installed
   model                       training steps on a batch already on the device (the ceiling)
   e2e                         training steps fed by this toolkit's loader
+  mish_torch / mish_fast      model only with Mish: torch's kernel against FastMish
+  sa_weight_input / _gram_weight  model only with self-attention (model.self_attention) computed
+                              as (X X^T)(W X) against (X X^T W) X
   writer / ffcv_writer        .beton writing, ours against ffcv's DatasetWriter, same folder/options
 plus, on one worker, each decoder lever alone, and per-core rates at 192 and 224 px for the
 projection "CPU cores per H100 needed to feed ResNet-50" (H100 ceilings: ANCHORS.md, reference).
@@ -37,6 +40,7 @@ CLASSES = 10
 MAX_SIDE = 500
 QUALITY = 90
 SYNTHETIC_SIZES = ((375, 500), (500, 375), (333, 500), (500, 500), (281, 500), (500, 400))
+PARTS = ("torchvision", "dali", "training", "mish", "attention", "writer")   # what --skip can leave out
 
 
 # --------------------------------------------------------------------------- inputs
@@ -339,6 +343,24 @@ def mish_rates(arch, res, batch, seconds, log=print) -> tuple:
     return sum(rates["torch"]) / 2, sum(rates["fast"]) / 2
 
 
+def attention_rates(arch, res, batch, seconds, log=print) -> tuple:
+    """Training img/s of `arch` with SimpleSelfAttention computing (X X^T)(W X) and (X X^T W) X:
+    (weight_input, gram_weight). One model, its layers switched between the orders, measured
+    alternately as in mish_rates."""
+    from .models import SimpleSelfAttention, create_model
+
+    model = create_model(arch, num_classes=1000, self_attention=True)
+    layers = [m for m in model.modules() if isinstance(m, SimpleSelfAttention)]
+    rates = {"weight_input": [], "gram_weight": []}
+    for _ in range(2):
+        for order in rates:
+            for layer in layers:
+                layer.order = order
+            rates[order].append(training_rate(arch, res, batch, seconds / 2, log=log, model=model,
+                                              label=f" (self-attention, {order})"))
+    return sum(rates["weight_input"]) / 2, sum(rates["gram_weight"]) / 2
+
+
 # --------------------------------------------------------------------------- report
 
 def projection(per_core: dict) -> dict:
@@ -384,6 +406,9 @@ def build_table(r: dict) -> str:
             f"| model only, Mish activations, torch's kernel | {_fmt(r.get('mish_torch_img_s'))} |",
             f"| model only, Mish activations, FastMish | {_fmt(r.get('mish_fast_img_s'))} |",
             f"| FastMish / torch's Mish | {_fmtr(ratio(r.get('mish_fast_img_s'), r.get('mish_torch_img_s')))} |",
+            f"| model only, self-attention as (X X^T)(W X) | {_fmt(r.get('sa_weight_input_img_s'))} |",
+            f"| model only, self-attention as (X X^T W) X | {_fmt(r.get('sa_gram_weight_img_s'))} |",
+            f"| (X X^T W) X / (X X^T)(W X) | {_fmtr(ratio(r.get('sa_gram_weight_img_s'), r.get('sa_weight_input_img_s')))} |",
             "", "| writer, same folder and options (JPEG q90, max side 500) | img/s |", "|---|---|",
             f"| ffcv-imagenet write ({r['workers']} workers) | {_fmt(r.get('writer_img_s'))} |",
             f"| ffcv 1.0.2 DatasetWriter ({r['workers']} workers) | {_fmt(r.get('ffcv_writer_img_s'))} |"]
@@ -466,7 +491,7 @@ def parse_args(argv):
     p.add_argument("--restart-interval", type=int, default=None,
                    help="writer's restart interval for this toolkit's file (default: the writer's)")
     p.add_argument("--no-levers", action="store_true", help="skip the one-lever-at-a-time study")
-    p.add_argument("--skip", default="", help="comma-separated parts to skip: torchvision,dali,training,mish,writer")
+    p.add_argument("--skip", default="", help="comma-separated parts to skip: " + ",".join(PARTS))
     p.add_argument("--workdir", default=None, help="keep the images and .beton files here (default: a temp dir, removed)")
     p.add_argument("--json", default=None, help="write every rate, size and ratio to this JSON file")
     p.add_argument("--quick", action="store_true",
@@ -484,9 +509,9 @@ def parse_args(argv):
         args.no_levers = True  # seven more compiled loaders; the full run measures them
     args.extra_res = [int(x) for x in str(args.extra_res).split(",") if x.strip()]
     args.skip = {x.strip() for x in args.skip.split(",") if x.strip()}
-    unknown = args.skip - {"torchvision", "dali", "training", "mish", "writer"}
+    unknown = args.skip - set(PARTS)
     if unknown:
-        p.error(f"--skip: unknown part(s) {sorted(unknown)}; choose from torchvision, dali, training, mish, writer")
+        p.error(f"--skip: unknown part(s) {sorted(unknown)}; choose from {', '.join(PARTS)}")
     if args.images and not Path(args.images).is_dir():
         p.error(f"--images {args.images}: not a folder")
     return args
@@ -588,7 +613,7 @@ def run(args, log=print) -> dict:
 
         model_res = args.model_res or res
         batch = args.model_batch or (256 if torch.cuda.is_available() else (8 if args.quick else 64))
-        if {"training", "mish"} - args.skip:
+        if {"training", "mish", "attention"} - args.skip:
             result["model_batch"] = batch
         if "training" not in args.skip:
             log(f"[bench] training rates: {args.arch} @ {model_res} px, batch {batch}")
@@ -607,6 +632,11 @@ def run(args, log=print) -> dict:
             log(f"[bench] Mish: torch's kernel against FastMish, {args.arch} @ {model_res} px, batch {batch}")
             result["mish_torch_img_s"], result["mish_fast_img_s"] = mish_rates(
                 args.arch, model_res, batch, args.train_seconds, log=log)
+        if "attention" not in args.skip:
+            log(f"[bench] self-attention: (X X^T)(W X) against (X X^T W) X, {args.arch} @ {model_res} px, "
+                f"batch {batch}")
+            result["sa_weight_input_img_s"], result["sa_gram_weight_img_s"] = attention_rates(
+                args.arch, model_res, batch, args.train_seconds, log=log)
     finally:
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -618,6 +648,8 @@ def run(args, log=print) -> dict:
         "this_over_torchvision": ratio(result.get("loader_img_s"), result.get("torchvision_loader_img_s")),
         "e2e_over_model": ratio(result.get("e2e_img_s"), result.get("model_img_s")),
         "fast_mish_over_torch_mish": ratio(result.get("mish_fast_img_s"), result.get("mish_torch_img_s")),
+        "sa_gram_weight_over_weight_input": ratio(result.get("sa_gram_weight_img_s"),
+                                                  result.get("sa_weight_input_img_s")),
     }
     for r in args.extra_res:
         result["ratios"][f"this_over_ffcv_same_file_1core_{r}"] = ratio(

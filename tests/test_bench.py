@@ -9,7 +9,8 @@ from ffcv_imagenet import bench
 
 REQUIRED = ("loader_img_s", "loader_1core_img_s", "ffcv_loader_img_s", "ffcv_loader_1core_img_s",
             "ffcv_raw50_loader_img_s", "torchvision_loader_img_s", "model_img_s", "e2e_img_s",
-            "writer_img_s", "ffcv_writer_img_s", "mish_torch_img_s", "mish_fast_img_s")
+            "writer_img_s", "ffcv_writer_img_s", "mish_torch_img_s", "mish_fast_img_s",
+            "sa_weight_input_img_s", "sa_gram_weight_img_s")
 
 
 @pytest.mark.slow
@@ -33,16 +34,19 @@ def test_bench_quick_measures_everything(tmp_path, capsys):
     assert ratios["e2e_over_model"] == pytest.approx(result["e2e_img_s"] / result["model_img_s"])
     assert ratios["fast_mish_over_torch_mish"] == pytest.approx(
         result["mish_fast_img_s"] / result["mish_torch_img_s"])
+    assert ratios["sa_gram_weight_over_weight_input"] == pytest.approx(
+        result["sa_gram_weight_img_s"] / result["sa_weight_input_img_s"])
     assert result["images"]["count"] == 192 and result["images"]["distinct"] == 24
     printed = capsys.readouterr().out
     assert "| this / stock ffcv, same file |" in printed and "ffcv-imagenet write" in printed
-    assert "| FastMish / torch's Mish |" in printed
+    assert "| FastMish / torch's Mish |" in printed and "| (X X^T W) X / (X X^T)(W X) |" in printed
     assert "command: ffcv-imagenet bench --quick --json" in printed
 
 
 def test_bench_options_are_checked(tmp_path):
     with pytest.raises(SystemExit):
         bench.parse_args(["--skip", "torchvision,gpu"])
+    assert bench.parse_args(["--skip", "attention,mish"]).skip == {"attention", "mish"}
     with pytest.raises(SystemExit):
         bench.parse_args(["--images", str(tmp_path / "missing")])
     args = bench.parse_args(["--quick", "--extra-res", "96"])

@@ -208,23 +208,56 @@ def test_max_blur_stem_pool_keeps_the_shape_and_blurs_the_stride_1_max(size):
         create_model("mobilenet_v3_small", stem_pool="maxblur")
 
 
-def test_simple_self_attention_by_hand():
+@pytest.mark.parametrize("h, w, order", [(4, 5, "auto"), (2, 2, "auto"),   # N = 20 > C = 6; N = 4
+                                         (4, 5, "weight_input"), (2, 2, "gram_weight")])
+def test_simple_self_attention_by_hand(h, w, order):
     torch.manual_seed(0)
-    layer = SimpleSelfAttention(6)
-    x = torch.randn(2, 6, 4, 5)
+    layer = SimpleSelfAttention(6, order=order)
+    x = torch.randn(2, 6, h, w)
     torch.testing.assert_close(layer(x), x)          # gamma starts at 0: the identity
     with torch.no_grad():
         layer.gamma.fill_(0.3)
     layer.eval()                                     # no power iteration: a fixed W
-    w = layer.proj.weight.detach()
-    assert torch.linalg.matrix_norm(w, ord=2).item() == pytest.approx(1.0, rel=0.05)
-    flat = x.reshape(2, 6, 20)
-    expected = torch.stack([flat[b] @ flat[b].T @ (w @ flat[b]) for b in range(2)])
-    torch.testing.assert_close(layer(x), x + 0.3 * expected.reshape(2, 6, 4, 5))
+    weight = layer.proj.weight.detach()
+    assert torch.linalg.matrix_norm(weight, ord=2).item() == pytest.approx(1.0, rel=0.05)
+
+    def by_hand(x):
+        flat = x.reshape(2, 6, h * w)
+        out = torch.stack([flat[b] @ flat[b].T @ (weight @ flat[b]) for b in range(2)])
+        return x + 0.3 * out.reshape(2, 6, h, w)
+
+    x.requires_grad_(True)
+    out = layer(x)
+    torch.testing.assert_close(out, by_hand(x))
+    # the gradient reaching the input, through both X X^T and W X, matches the formula's
+    upstream = torch.randn_like(out)
+    (grad,) = torch.autograd.grad(out, x, upstream)
+    (expected_grad,) = torch.autograd.grad(by_hand(x), x, upstream)
+    torch.testing.assert_close(grad, expected_grad)
+    x = x.detach()
     # channels-last input, bf16 autocast: the same figures to bf16 precision
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = layer(x.to(memory_format=torch.channels_last))
     torch.testing.assert_close(out.float(), layer(x), rtol=2e-2, atol=2e-2)
+
+
+def test_self_attention_auto_order_multiplies_w_by_the_smaller_operand(monkeypatch):
+    """order="auto": W meets the C x C Gram matrix when positions outnumber channels (N > C), and
+    the C x N input otherwise; an unknown order is refused by name."""
+    layer = SimpleSelfAttention(8)
+    shapes = []
+    matmul = torch.matmul
+
+    def recording(a, b):
+        shapes.append(tuple(b.shape[-2:]))
+        return matmul(a, b)
+
+    monkeypatch.setattr(torch, "matmul", recording)
+    layer(torch.randn(2, 8, 4, 4))                   # N = 16 > 8: (X X^T) W
+    layer(torch.randn(2, 8, 2, 2))                   # N = 4 <= 8: W X
+    assert shapes == [(8, 8), (8, 4)]
+    with pytest.raises(ValueError, match="'fast'.*auto, gram_weight, weight_input"):
+        SimpleSelfAttention(8, order="fast")
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
