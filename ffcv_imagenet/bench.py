@@ -320,12 +320,20 @@ def training_rate(arch, res, batch, seconds, batches=None, log=print, model=None
     return rate
 
 
-def mish_rates(arch, res, batch, seconds, log=print) -> tuple:
-    """Training img/s of `arch` with Mish: (torch's nn.Mish, this toolkit's FastMish).
+def alternating_rates(arch, res, batch, seconds, variants: dict, log=print) -> dict:
+    """{key: training img/s} for variants {key: (setup, label)}, where setup() readies and returns
+    the model to time. The variants are measured alternately, twice each for half of `seconds`,
+    and each rate is the mean of its two, so a slow spell on a shared machine hits all alike."""
+    rates = {key: [] for key in variants}
+    for _ in range(2):
+        for key, (setup, label) in variants.items():
+            rates[key].append(training_rate(arch, res, batch, seconds / 2, log=log, model=setup(),
+                                            label=label))
+    return {key: sum(r) / len(r) for key, r in rates.items()}
 
-    Same weights; the two are measured alternately, twice each for half the time, and each
-    rate is the mean of its two, so a slow spell on a shared machine hits both.
-    """
+
+def mish_rates(arch, res, batch, seconds, log=print) -> tuple:
+    """Training img/s of `arch` with Mish: (torch's nn.Mish, this toolkit's FastMish), same weights."""
     import torch
 
     from .models import FastMish, create_model
@@ -336,29 +344,29 @@ def mish_rates(arch, res, batch, seconds, log=print) -> tuple:
         for name, child in parent.named_children():
             if isinstance(child, FastMish):
                 setattr(parent, name, torch.nn.Mish())
-    rates = {"torch": [], "fast": []}
-    for _ in range(2):
-        for key, model, label in (("torch", plain, " (torch Mish)"), ("fast", fast, " (FastMish)")):
-            rates[key].append(training_rate(arch, res, batch, seconds / 2, log=log, model=model, label=label))
-    return sum(rates["torch"]) / 2, sum(rates["fast"]) / 2
+    rates = alternating_rates(arch, res, batch, seconds, {
+        "torch": (lambda: plain, " (torch Mish)"), "fast": (lambda: fast, " (FastMish)")}, log=log)
+    return rates["torch"], rates["fast"]
 
 
 def attention_rates(arch, res, batch, seconds, log=print) -> tuple:
     """Training img/s of `arch` with SimpleSelfAttention computing (X X^T)(W X) and (X X^T W) X:
-    (weight_input, gram_weight). One model, its layers switched between the orders, measured
-    alternately as in mish_rates."""
+    (weight_input, gram_weight). One model, its layers switched between the orders."""
     from .models import SimpleSelfAttention, create_model
 
     model = create_model(arch, num_classes=1000, self_attention=True)
     layers = [m for m in model.modules() if isinstance(m, SimpleSelfAttention)]
-    rates = {"weight_input": [], "gram_weight": []}
-    for _ in range(2):
-        for order in rates:
+
+    def ordered(order):
+        def setup():
             for layer in layers:
                 layer.order = order
-            rates[order].append(training_rate(arch, res, batch, seconds / 2, log=log, model=model,
-                                              label=f" (self-attention, {order})"))
-    return sum(rates["weight_input"]) / 2, sum(rates["gram_weight"]) / 2
+            return model
+        return setup, f" (self-attention, {order})"
+
+    rates = alternating_rates(arch, res, batch, seconds,
+                              {order: ordered(order) for order in ("weight_input", "gram_weight")}, log=log)
+    return rates["weight_input"], rates["gram_weight"]
 
 
 # --------------------------------------------------------------------------- report
