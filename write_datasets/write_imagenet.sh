@@ -35,26 +35,22 @@ DEFAULT_PYTHON=python3
 [ -x "$HERE/../.venv/bin/python" ] && DEFAULT_PYTHON=$HERE/../.venv/bin/python
 WRITE_CMD=("${PYTHON:-$DEFAULT_PYTHON}" "$HERE/write_imagenet.py")
 
-# The train input: class folders, else the archive.
-if [ -d "$IMAGENET_DIR/train" ]; then
-    TRAIN_INPUT=$IMAGENET_DIR/train
-elif [ -f "$IMAGENET_DIR/ILSVRC2012_img_train.tar" ]; then
-    TRAIN_INPUT=$IMAGENET_DIR/ILSVRC2012_img_train.tar
-else
-    echo "write_imagenet.sh: no $IMAGENET_DIR/train folder or ILSVRC2012_img_train.tar" >&2
-    exit 1
-fi
+# A split's input: its folder, else its original archive (ILSVRC2012_img_<split>.tar).
+split_input() {
+    if [ -d "$IMAGENET_DIR/$1" ]; then
+        echo "$IMAGENET_DIR/$1"
+    elif [ -f "$IMAGENET_DIR/ILSVRC2012_img_$1.tar" ]; then
+        echo "$IMAGENET_DIR/ILSVRC2012_img_$1.tar"
+    else
+        echo "write_imagenet.sh: no $IMAGENET_DIR/$1 folder or ILSVRC2012_img_$1.tar" >&2
+        return 1
+    fi
+}
+TRAIN_INPUT=$(split_input train) || exit 1
+VAL_INPUT=$(split_input val) || exit 1
 
-# The val input, and its labels unless it is already sorted into class folders.
+# The val labels, unless val is already sorted into class folders.
 VAL_LABELS=()
-if [ -d "$IMAGENET_DIR/val" ]; then
-    VAL_INPUT=$IMAGENET_DIR/val
-elif [ -f "$IMAGENET_DIR/ILSVRC2012_img_val.tar" ]; then
-    VAL_INPUT=$IMAGENET_DIR/ILSVRC2012_img_val.tar
-else
-    echo "write_imagenet.sh: no $IMAGENET_DIR/val folder or ILSVRC2012_img_val.tar" >&2
-    exit 1
-fi
 # (-print -quit rather than `| grep -q`: under pipefail, find's SIGPIPE would read as "none")
 if [ -f "$VAL_INPUT" ] || [ -z "$(find "$VAL_INPUT" -mindepth 1 -maxdepth 1 -type d -print -quit)" ]; then
     for labels in LOC_val_solution.csv val.txt; do
