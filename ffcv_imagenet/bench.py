@@ -40,7 +40,8 @@ CLASSES = 10
 MAX_SIDE = 500
 QUALITY = 90
 SYNTHETIC_SIZES = ((375, 500), (500, 375), (333, 500), (500, 500), (281, 500), (500, 400))
-PARTS = ("torchvision", "dali", "training", "mish", "attention", "writer")   # what --skip can leave out
+MODEL_PARTS = ("training", "mish", "attention")   # the parts that time training steps
+PARTS = ("torchvision", "dali", *MODEL_PARTS, "writer")   # what --skip can leave out
 
 
 # --------------------------------------------------------------------------- inputs
@@ -621,7 +622,7 @@ def run(args, log=print) -> dict:
 
         model_res = args.model_res or res
         batch = args.model_batch or (256 if torch.cuda.is_available() else (8 if args.quick else 64))
-        if {"training", "mish", "attention"} - args.skip:
+        if set(MODEL_PARTS) - args.skip:
             result["model_batch"] = batch
         if "training" not in args.skip:
             log(f"[bench] training rates: {args.arch} @ {model_res} px, batch {batch}")
