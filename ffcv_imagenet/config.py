@@ -204,7 +204,7 @@ def declare() -> Config:
         label_smoothing=Param(StrictFloat(min=0, max=1), "label smoothing", default=0.1),
         use_blurpool=Param(StrictBool(), "BlurPool before strided convs", default=True),
         mixup_alpha=Param(StrictFloat(min=0), "mixup Beta(alpha, alpha); 0 = off", default=0.0),
-        precision=Param(Choice("auto", "fp16", "bf16", "fp32"), "auto = fp16 (+GradScaler) on CUDA, bf16 on CPU", default="auto"),
+        precision=Param(Choice("auto", "fp16", "bf16", "fp32"), "auto = fp16 (+GradScaler) on CUDA; on CPU bf16 where it is native (AVX-512), else fp32", default="auto"),
         channels_last=Param(StrictBool(), "channels-last memory format", default=True),
         compile=Param(StrictBool(), "torch.compile the model", default=False),
         sync_bn=Param(StrictBool(), "SyncBatchNorm across processes", default=False),

@@ -3,7 +3,8 @@
 1. draws a 10-class dataset of shapes and textures as real JPEG files (ffcv_imagenet.synthetic);
 2. writes train and val `.beton` files with the real writer;
 3. trains ResNet-18 with the scaled-down preset `ffcv_imagenet/presets/demo.yaml` through the real
-   training engine, on a GPU when there is one, else on the CPU (bf16, channels-last);
+   training engine, on a GPU when there is one, else on the CPU (bf16 with AVX-512, else fp32;
+   channels-last);
 4. prints the time-to-accuracy table and the plots' paths (ffcv_imagenet.report).
 
 Everything goes under `--out` (default ./demo_out); a second run reuses the generated images and

@@ -58,12 +58,30 @@ def launch_time() -> float:
     return process.create_time()
 
 
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU runs bf16 convolutions natively (oneDNN's bf16 kernels need AVX-512).
+
+    Without them autocast falls back to reference kernels: on a 2-core AVX2-only AMD EPYC a
+    ResNet-50 training step at 96 px ran 15x slower in bf16 than in fp32 (1.1 against 17 img/s).
+    """
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # private op gone in some release: ask ATen's dispatch
+        return torch.backends.cpu.get_cpu_capability().upper().startswith("AVX512")
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
+    """`auto`: fp16 (+GradScaler) on CUDA; on the CPU bf16 where it runs natively, else fp32."""
     if precision == "auto":
-        return "fp16" if device.type == "cuda" else "bf16"
-    if precision == "fp16" and device.type == "cpu":
-        print("warning: fp16 autocast on CPU is 20-60x slower than bf16; use --training.precision=bf16",
-              file=sys.stderr)
+        if device.type == "cuda":
+            return "fp16"
+        return "bf16" if cpu_has_fast_bf16() else "fp32"
+    if device.type == "cpu" and precision == "fp16":
+        print("warning: fp16 autocast on CPU is 20-60x slower than bf16 or fp32; "
+              "use --training.precision=auto", file=sys.stderr)
+    elif device.type == "cpu" and precision == "bf16" and not cpu_has_fast_bf16():
+        print("warning: this CPU has no native bf16 (no AVX-512), so bf16 autocast runs about 15x "
+              "slower than fp32; use --training.precision=auto (fp32 here)", file=sys.stderr)
     return precision
 
 

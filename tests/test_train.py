@@ -128,6 +128,29 @@ def one_epoch(model, batches, *, steps, accum):
                                  device=torch.device("cpu"), precision="fp32", label_smoothing=0.1)
 
 
+def test_auto_precision_is_bf16_only_on_a_cpu_that_runs_it_natively(monkeypatch, capsys):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(train, "cpu_has_fast_bf16", lambda: True)
+    assert train.resolve_precision("auto", cpu) == "bf16"
+    assert train.resolve_precision("bf16", cpu) == "bf16" and capsys.readouterr().err == ""
+    monkeypatch.setattr(train, "cpu_has_fast_bf16", lambda: False)
+    assert train.resolve_precision("auto", cpu) == "fp32"
+    assert train.resolve_precision("auto", cuda) == "fp16"
+    assert train.resolve_precision("bf16", cpu) == "bf16"  # asked for: kept, with a warning
+    assert "no native bf16" in capsys.readouterr().err
+    assert train.resolve_precision("bf16", cuda) == "bf16" and capsys.readouterr().err == ""
+
+
+def test_fast_bf16_check_falls_back_to_the_cpu_capability(monkeypatch):
+    import types
+
+    monkeypatch.setattr(torch.ops, "mkldnn", types.SimpleNamespace())  # no private op
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    assert train.cpu_has_fast_bf16() is True
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert train.cpu_has_fast_bf16() is False
+
+
 def test_gradient_accumulation_equals_the_large_batch():
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (16, 3, 8, 8), dtype=torch.uint8, generator=g)
@@ -251,7 +274,8 @@ def test_run_writes_params_and_env(reference_run):
     derived = params["derived"]
     assert (derived["global_batch_size"], derived["accum_steps"], derived["peak_lr"]) == (8, 1, 0.02)
     assert derived["steps_per_epoch"] == 10 and derived["world_size"] == 1
-    assert derived["precision"] == "bf16" and derived["train_samples"] == 80
+    assert derived["precision"] == ("bf16" if train.cpu_has_fast_bf16() else "fp32")
+    assert derived["train_samples"] == 80
     assert params["argv"] == run_args(*[params["data"][k] for k in ("train_dataset", "val_dataset")],
                                       folder)
 
