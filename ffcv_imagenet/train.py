@@ -77,7 +77,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
             return "fp16"
         return "bf16" if cpu_has_fast_bf16() else "fp32"
     if device.type == "cpu" and precision == "fp16":
-        print("warning: fp16 autocast on CPU is 20-60x slower than bf16 or fp32; "
+        print("warning: fp16 autocast on CPU was 20-60x slower than bf16 (on an AVX-512 CPU); "
               "use --training.precision=auto", file=sys.stderr)
     elif device.type == "cpu" and precision == "bf16" and not cpu_has_fast_bf16():
         print("warning: this CPU has no native bf16 (no AVX-512), so bf16 autocast runs about 15x "
