@@ -209,6 +209,7 @@ def declare() -> Config:
         compile=Param(StrictBool(), "torch.compile the model", default=False),
         sync_bn=Param(StrictBool(), "SyncBatchNorm across processes", default=False),
         resume=Param(StrictBool(), "continue the run in logging.folder from its last checkpoint", default=False),
+        stop_after_s=Param(StrictFloat(min=0), "end this launch after the last epoch expected to finish within this many seconds of launch (checkpointed; continue with training.resume=1); 0 = run to the end", default=0.0),
         eval_only=Param(StrictBool(), "only evaluate training.checkpoint on data.val_dataset", default=False),
         checkpoint=Param(StrictStr(), "checkpoint path for eval_only", default=""),
         seed=Param(StrictInt(min=0), "seed of data order, augmentation and init", default=0),

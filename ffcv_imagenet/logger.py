@@ -112,6 +112,8 @@ def environment(world_size: int) -> dict:
 
     import torch
 
+    from ffcv_imagenet.train import cpu_has_fast_bf16
+
     versions = {}
     for package in ("torch", "torchvision", "ffcv", "numba", "numpy", "fastargs", "ffcv-imagenet"):
         try:
@@ -130,6 +132,8 @@ def environment(world_size: int) -> dict:
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
         "cpu_model": cpu_model(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # e.g. AVX2, AVX512
+        "cpu_native_bf16": cpu_has_fast_bf16(),
         "git_commit": git_commit(os.path.dirname(os.path.abspath(__file__))),
         "time": now_iso(),
     }

@@ -3,11 +3,12 @@
 `ffcv-imagenet report RUN_DIR [RUN_DIR ...]` finds every `log.jsonl` under the given folders (a run
 folder, or a folder of run folders), and writes:
 
-- a Markdown table, one row per group of runs of the same preset on the same hardware: runs (n),
-  epochs, GPUs/devices, top-1 and top-5 (mean ± std over runs), wall-clock to the end (start-up
-  plus training and validation), time to reach each top-1 target, mean images/s;
+- a Markdown table, one row per group of runs of the same preset on the same hardware in the
+  same precision: runs (n), epochs, GPUs/devices and precision, top-1 and top-5 (mean ± std over
+  runs), wall-clock to the end (start-up plus training and validation), time to reach each top-1
+  target, mean images/s;
 - a second table, one row per run: top-1, start-up (launch to the first step), wall-clock,
-  images/s, machine (from env.json), date and the command (from params.json's argv);
+  images/s, machine (from env.json) and precision, date and the command (from params.json's argv);
 - `top1_vs_time.png`, `top1_vs_epoch.png` (every run overlaid) and `front.png` (final top-1
   against wall-clock, one point per run, the group mean marked) in `--out`.
 
@@ -43,6 +44,7 @@ class Run:
     val_every: int = 1  # validation.every_n_epochs
     world_size: "int | None" = None
     device: str = "?"
+    precision: "str | None" = None  # what training.precision=auto resolved to (params.json)
     startup_s: "float | None" = None
     # start-ups of the sessions that resumed the run: (first epoch that session ran, seconds)
     restarts: list = field(default_factory=list)
@@ -135,6 +137,8 @@ def load_run(folder: Path) -> Run:
         preset = _lookup(params, "config_file") or _lookup(params, "preset")
         if preset:
             run.preset = Path(str(preset)).stem
+        precision = _lookup(params, "derived.precision")
+        run.precision = str(precision) if precision else None
         argv = _lookup(params, "argv")
         if isinstance(argv, list):
             run.command = "ffcv-imagenet train " + " ".join(shlex.quote(str(a)) for a in argv)
@@ -194,14 +198,15 @@ def load_run(folder: Path) -> Run:
 
 
 def describe_machine(env: dict) -> str:
-    """'8 × NVIDIA H100 80GB HBM3' or '2-core CPU (AMD EPYC)' from a run's env.json."""
+    """'8 × NVIDIA H100 80GB HBM3' or '2-core CPU (AMD EPYC, AVX2)' from a run's env.json (the
+    vector extension when recorded: one CPU name covers parts with and without AVX-512)."""
     names = env.get("device_names") or []
     if env.get("device_count") and names:
         return f"{env['device_count']} × {names[0]}"
     cores = env.get("cpu_count")
-    model = env.get("cpu_model")
+    about = ", ".join(str(x) for x in (env.get("cpu_model"), env.get("cpu_capability")) if x)
     text = f"{cores}-core CPU" if cores else "CPU"
-    return f"{text} ({model})" if model else text
+    return f"{text} ({about})" if about else text
 
 
 def find_runs(paths) -> list:
@@ -218,9 +223,15 @@ def find_runs(paths) -> list:
 
 
 def _group_key(run: Run):
-    # Finished runs of one preset on one kind of hardware are averaged; cut-short runs stand alone.
-    return (run.preset, run.world_size, run.device, run.planned_epochs,
+    # Finished runs of one preset on one kind of hardware, in one precision, are averaged (bf16
+    # and fp32 runs of a preset differ in speed); cut-short runs stand alone.
+    return (run.preset, run.world_size, run.device, run.precision, run.planned_epochs,
             "complete" if run.complete else str(run.folder))
+
+
+def _devices(world, device, precision) -> str:
+    text = f"{world if world is not None else '?'} × {device}"
+    return f"{text}, {precision}" if precision else text
 
 
 def _mean_std(values, fmt):
@@ -257,7 +268,7 @@ def make_table(runs, targets=DEFAULT_TARGETS) -> str:
     header += [f"to {_pct(t).replace('.00', '')}" for t in targets]
     header += ["img/s", "notes"]
     rows = [_md_row(header), "|" + "---|" * len(header)]
-    for (preset, world, device, planned, _), members in groups.items():
+    for (preset, world, device, precision, planned, _), members in groups.items():
         reached = []
         for t in targets:
             times = [r.time_to(t) for r in members]
@@ -270,7 +281,7 @@ def make_table(runs, targets=DEFAULT_TARGETS) -> str:
         epochs = str(planned if planned is not None else max(done))
         notes = sorted({p for r in members for p in r.problems})
         rows.append(_md_row([
-            preset, str(len(members)), epochs, f"{world if world is not None else '?'} × {device}",
+            preset, str(len(members)), epochs, _devices(world, device, precision),
             _mean_std([r.top1_at_end() for r in members], _pct),
             _mean_std([r.top5_at_end() for r in members], _pct),
             _mean_std([r.wallclock_s() for r in members], _minutes),
@@ -304,7 +315,8 @@ def make_runs_table(runs) -> str:
             _startups(run),
             _minutes(wall) if wall is not None else "—",
             _rate(rate) if rate is not None else "—",
-            run.machine, run.date, f"`{run.command}`" if run.command != "?" else "?",
+            f"{run.machine}, {run.precision}" if run.precision else run.machine,
+            run.date, f"`{run.command}`" if run.command != "?" else "?",
         ]))
     return "\n".join(rows) + "\n"
 

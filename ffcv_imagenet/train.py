@@ -15,7 +15,9 @@ of (seed, epoch) -- the loader's order (ffcv seeds it with its epoch counter, wh
 crops and flips (a seeded decoder, see data.SeededRandomResizedCrop), mixup/jitter (a torch
 Generator seeded per epoch) -- and the checkpoint after each epoch holds the model, optimizer and
 scaler states. A run killed mid-epoch resumes from the last complete epoch and replays that epoch
-exactly, ending with the same weights as an uninterrupted run.
+exactly, ending with the same weights as an uninterrupted run. To spread a run over sessions of
+bounded length (a batch job's time limit), `training.stop_after_s` ends a launch after the last
+epoch expected to finish in time, checkpointed, so that nothing is replayed on resume.
 """
 
 import contextlib
@@ -83,6 +85,20 @@ def resolve_precision(precision: str, device: torch.device) -> str:
         print("warning: this CPU has no native bf16 (no AVX-512), so bf16 autocast runs about 15x "
               "slower than fp32; use --training.precision=auto (fp32 here)", file=sys.stderr)
     return precision
+
+
+def expected_epoch_s(*, last_train_s: float, last_res: int, next_res: int, next_validates: bool,
+                     last_val_s: "float | None", train_images: int, val_images: int, val_res: int) -> float:
+    """Seconds the next epoch should take: the last epoch's training time scaled by the next
+    resolution's pixel count, plus, when the next epoch validates, the last validation pass of this
+    launch, or before any, a forward pass over the val images at a third of a training step's cost
+    per pixel (forward is about a third of forward + backward)."""
+    seconds = last_train_s * (next_res / last_res) ** 2
+    if next_validates:
+        if last_val_s is None:
+            last_val_s = last_train_s / 3 * (val_images / train_images) * (val_res / last_res) ** 2
+        seconds += last_val_s
+    return seconds
 
 
 def plan_batch(*, batch_size_per_gpu: int, world_size: int, global_batch_size: int,
@@ -424,7 +440,7 @@ def fit(cfg: dict, *, launched_at: float = None) -> dict:
         logger.write_json("env.json", environment(dist_info.world_size))
 
         # 6. loop
-        session = {"first_step_at": None}
+        session = {"first_step_at": None, "last_val_s": None}
 
         def on_first_batch():
             if session["first_step_at"] is not None:
@@ -471,12 +487,15 @@ def fit(cfg: dict, *, launched_at: float = None) -> dict:
             last = epoch == epochs - 1
             val = None
             if validates_after(epoch, epochs=epochs, every=val_cfg["every_n_epochs"]):
+                val_start = time.time()
                 val = evaluate(model if ema is None else ema.module, val_loader, device=device,
                                precision=precision, lr_tta=val_cfg["lr_tta"], progress=progress)
                 if ema is not None and last:  # the model itself too, for comparison
                     raw = evaluate(model, val_loader, device=device, precision=precision,
                                    lr_tta=val_cfg["lr_tta"], progress=progress)
                     val = {**val, **{f"{k}_no_ema": v for k, v in raw.items()}}
+                else:
+                    session["last_val_s"] = time.time() - val_start
             now = time.time()
             state["epoch"] = epoch + 1
             state["step"] += steps_per_epoch
@@ -502,6 +521,27 @@ def fit(cfg: dict, *, launched_at: float = None) -> dict:
                     **state, "rng": ckpt_io.rng_state(), "config": cfg, "derived": derived,
                     "arch": model_cfg["arch"], "num_classes": len(wnids), "wnids": wnids})
             distributed.barrier()
+            if train_cfg["stop_after_s"] and not last:
+                next_s = expected_epoch_s(
+                    last_train_s=train_s, last_res=resolution,
+                    next_res=resolution_at(epoch + 1, min_res=res_cfg["min_res"], max_res=res_cfg["max_res"],
+                                           start_ramp=res_cfg["start_ramp"], end_ramp=res_cfg["end_ramp"]),
+                    next_validates=validates_after(epoch + 1, epochs=epochs, every=val_cfg["every_n_epochs"]),
+                    last_val_s=session["last_val_s"], train_images=train_loader.num_samples,
+                    val_images=val_loader.num_samples, val_res=val_cfg["resolution"])
+                # 10% to spare; rank 0 decides for all, so that no rank waits for one that stopped
+                stop = distributed.broadcast_object(
+                    time.time() + 1.1 * next_s > launched_at + train_cfg["stop_after_s"])
+                if stop:
+                    record = {"type": "stopped", "epoch": epoch + 1, "next_epoch_expected_s": next_s,
+                              "stop_after_s": train_cfg["stop_after_s"], "elapsed_s": state["elapsed_s"]}
+                    logger.log(record)
+                    if dist_info.is_main:
+                        print(f"stopped after epoch {epoch + 1}/{epochs}: the next would take about "
+                              f"{next_s / 60:.1f} min and end past training.stop_after_s="
+                              f"{train_cfg['stop_after_s']:g} s from launch; continue with "
+                              "--training.resume=1", flush=True)
+                    return record
 
         if val is None and state["epoch"] >= epochs:  # resumed a finished run: evaluate once
             val = evaluate(model if ema is None else ema.module, val_loader, device=device, precision=precision,

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from ffcv_imagenet import report
 
@@ -153,11 +154,34 @@ def test_runs_table_names_machine_date_and_command(tmp_path):
     assert "| run | preset | top-1 | start-up |" in (tmp_path / "report.md").read_text()
 
 
+def test_runs_in_other_precisions_are_not_averaged_together(tmp_path):
+    for name, precision, top1 in (("b1", "bf16", 0.8), ("b2", "bf16", 0.9), ("f1", "fp32", 0.7)):
+        write_run(tmp_path / name, "fast", [0.5, top1])
+        params = json.loads((tmp_path / name / "params.json").read_text())
+        params["derived"] = {"precision": precision}
+        (tmp_path / name / "params.json").write_text(json.dumps(params))
+        (tmp_path / name / "env.json").write_text(json.dumps(
+            {"device_count": 0, "cpu_count": 2, "cpu_model": "AMD EPYC",
+             "cpu_capability": "AVX512" if precision == "bf16" else "AVX2"}))
+    runs = report.find_runs([tmp_path])
+    table = report.make_table(runs, targets=(0.7,))
+    rows = [line for line in table.splitlines() if line.startswith("| fast")]
+    assert len(rows) == 2
+    assert "| fast | 2 | 2 | 1 × cpu, bf16 | 85.00% ± 7.07% |" in rows[0]
+    assert "| fast | 1 | 2 | 1 × cpu, fp32 | 70.00% |" in rows[1]
+    per_run = report.make_runs_table(runs)
+    assert "| 2-core CPU (AMD EPYC, AVX512), bf16 |" in per_run
+    assert "| 2-core CPU (AMD EPYC, AVX2), fp32 |" in per_run
+
+
 def test_environment_records_the_cpu_model():
     from ffcv_imagenet.logger import environment
+    from ffcv_imagenet.train import cpu_has_fast_bf16
 
     env = environment(1)
     assert "cpu_model" in env and env["cpu_count"] >= 1
+    assert env["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert env["cpu_native_bf16"] == cpu_has_fast_bf16()
     with open("/proc/cpuinfo") as f:
         if "model name" in f.read():
             assert env["cpu_model"]

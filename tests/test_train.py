@@ -345,6 +345,39 @@ def test_kill_mid_epoch_and_resume_ends_with_the_same_weights(betons, reference_
     assert epochs[1]["elapsed_s"] > killed_elapsed  # elapsed time continues across the restart
 
 
+def test_expected_epoch_s_scales_by_pixels_and_adds_a_validation_pass():
+    args = dict(last_train_s=900.0, last_res=96, train_images=9469, val_images=3925, val_res=128)
+    assert train.expected_epoch_s(**args, next_res=96, next_validates=False, last_val_s=None) == 900.0
+    assert train.expected_epoch_s(**args, next_res=128, next_validates=False, last_val_s=245.0) == pytest.approx(1600.0)
+    assert train.expected_epoch_s(**args, next_res=96, next_validates=True, last_val_s=245.0) == 1145.0
+    # before any validation in this launch: a forward pass (a third of a step) over the val images
+    guess = train.expected_epoch_s(**args, next_res=96, next_validates=True, last_val_s=None) - 900.0
+    assert guess == pytest.approx(300.0 * 3925 / 9469 * (128 / 96) ** 2)
+
+
+@pytest.mark.slow
+def test_stop_after_s_ends_at_an_epoch_and_resume_finishes_the_same_run(betons, reference_run, tmp_path, capsys):
+    folder = tmp_path / "stopped"
+    # any epoch outlasts 1 ms: the launch ends after the first epoch, checkpointed
+    assert train.main(run_args(*betons, folder, "--training.stop_after_s=0.001"), launched_at=time.time()) == 0
+    assert "stopped after epoch 1/3" in capsys.readouterr().out
+    assert [r["epoch"] for r in records(folder, "epoch")] == [0]
+    (stopped,) = records(folder, "stopped")
+    assert stopped["epoch"] == 1 and stopped["next_epoch_expected_s"] > 0
+    assert not records(folder, "summary") and load_checkpoint(folder / "checkpoint.pt")["epoch"] == 1
+
+    assert train.main(run_args(*betons, folder, "--training.resume=1", "--training.stop_after_s=3600"),
+                      launched_at=time.time()) == 0
+    reference, _ = reference_run
+    expected, resumed = load_checkpoint(reference / "checkpoint.pt"), load_checkpoint(folder / "checkpoint.pt")
+    assert resumed["epoch"] == EPOCHS
+    assert all(torch.equal(expected["model"][k], resumed["model"][k]) for k in expected["model"])
+    assert [r["epoch"] for r in records(folder, "epoch")] == list(range(EPOCHS))
+    assert [r["resumed_from_epoch"] for r in records(folder, "start")] == [None, 1]
+    (summary,) = records(folder, "summary")
+    assert summary["total_images"] == EPOCHS * 80  # nothing replayed
+
+
 RANGER = ("--training.optimizer=radam", "--training.lookahead_steps=3", "--training.adam_beta1=0.95",
           "--training.adam_beta2=0.99", "--training.adam_eps=1e-6", "--training.weight_decay=0.01",
           "--lr.lr=0.004", "--lr.lr_schedule_type=flat_cos", "--lr.flat_fraction=0.5",
