@@ -101,6 +101,28 @@ def expected_epoch_s(*, last_train_s: float, last_res: int, next_res: int, next_
     return seconds
 
 
+# settings a resumed launch may change without changing the run: where things are and how this
+# machine runs them, not what is trained
+RESUME_MAY_CHANGE = ("data.train_dataset", "data.val_dataset", "data.num_workers", "data.in_memory",
+                     "training.resume", "training.stop_after_s", "training.cpu_threads",
+                     "training.device", "logging.folder", "logging.progress")
+
+
+def resume_changes(saved: dict, current: dict) -> list:
+    """'section.key: old -> new' for each setting of `current` that differs from the checkpoint's
+    config `saved`, apart from RESUME_MAY_CHANGE."""
+    changes = []
+    for section, values in current.items():
+        if section == "meta" or not isinstance(values, dict):
+            continue
+        for key, value in values.items():
+            name = f"{section}.{key}"
+            old = saved.get(section, {}).get(key, value)
+            if name not in RESUME_MAY_CHANGE and old != value:
+                changes.append(f"{name}: {old!r} -> {value!r}")
+    return changes
+
+
 def plan_batch(*, batch_size_per_gpu: int, world_size: int, global_batch_size: int,
                base_lr: float, lr_scaling: str) -> dict:
     """Global batch, accumulation steps and peak lr for this many processes.
@@ -423,6 +445,11 @@ def fit(cfg: dict, *, launched_at: float = None) -> dict:
                 resumed_from = state["epoch"]
                 if dist_info.is_main:
                     print(f"resuming {folder} after epoch {resumed_from} (step {state['step']})", flush=True)
+                    changes = resume_changes(checkpoint.get("config") or {}, cfg)
+                    if changes:
+                        print(f"warning: resuming {checkpoint_path} with settings that differ from the "
+                              f"run's so far (the rest of the run uses the new ones): {'; '.join(changes)}",
+                              file=sys.stderr, flush=True)
             elif dist_info.is_main:
                 print(f"no checkpoint in {folder}; starting from scratch", flush=True)
             logger.keep_epochs_before(state["epoch"])

@@ -355,6 +355,17 @@ def test_expected_epoch_s_scales_by_pixels_and_adds_a_validation_pass():
     assert guess == pytest.approx(300.0 * 3925 / 9469 * (128 / 96) ** 2)
 
 
+def test_resume_names_the_settings_that_changed_and_only_those():
+    saved = {"lr": {"lr": 0.004, "flat_fraction": 0.72}, "training": {"epochs": 20, "resume": False},
+             "data": {"train_dataset": "/old/train.beton"}}
+    current = {"lr": {"lr": 0.01, "flat_fraction": 0.72}, "training": {"epochs": 20, "resume": True},
+               "data": {"train_dataset": "/new/train.beton"}, "meta": {"argv": ["--training.resume=1"]}}
+    assert train.resume_changes(saved, current) == ["lr.lr: 0.004 -> 0.01"]
+    assert train.resume_changes(saved, {**current, "lr": saved["lr"]}) == []
+    # a setting the checkpoint's config lacks (added to the engine since) is not a change
+    assert train.resume_changes({}, current) == []
+
+
 @pytest.mark.slow
 def test_stop_after_s_ends_at_an_epoch_and_resume_finishes_the_same_run(betons, reference_run, tmp_path, capsys):
     folder = tmp_path / "stopped"
@@ -368,6 +379,7 @@ def test_stop_after_s_ends_at_an_epoch_and_resume_finishes_the_same_run(betons, 
 
     assert train.main(run_args(*betons, folder, "--training.resume=1", "--training.stop_after_s=3600"),
                       launched_at=time.time()) == 0
+    assert "differ" not in capsys.readouterr().err  # the time limit and resume are not changes to the run
     reference, _ = reference_run
     expected, resumed = load_checkpoint(reference / "checkpoint.pt"), load_checkpoint(folder / "checkpoint.pt")
     assert resumed["epoch"] == EPOCHS
@@ -376,6 +388,10 @@ def test_stop_after_s_ends_at_an_epoch_and_resume_finishes_the_same_run(betons, 
     assert [r["resumed_from_epoch"] for r in records(folder, "start")] == [None, 1]
     (summary,) = records(folder, "summary")
     assert summary["total_images"] == EPOCHS * 80  # nothing replayed
+
+    # resumed again with another lr (a finished run: it evaluates once): the warning names it
+    assert train.main(run_args(*betons, folder, "--training.resume=1", "--lr.lr=0.05"), launched_at=time.time()) == 0
+    assert "lr.lr: 0.02 -> 0.05" in capsys.readouterr().err
 
 
 RANGER = ("--training.optimizer=radam", "--training.lookahead_steps=3", "--training.adam_beta1=0.95",
