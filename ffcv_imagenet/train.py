@@ -490,13 +490,16 @@ def fit(cfg: dict, *, launched_at: float = None) -> dict:
                          step_length=lr_cfg["step_length"], milestones=tuple(lr_cfg["milestones"]),
                          end_lr_ratio=lr_cfg["end_lr_ratio"], flat_fraction=lr_cfg["flat_fraction"])
 
+        def train_res(epoch):
+            return resolution_at(epoch, min_res=res_cfg["min_res"], max_res=res_cfg["max_res"],
+                                 start_ramp=res_cfg["start_ramp"], end_ramp=res_cfg["end_ramp"])
+
         val = None
         elapsed_before = state["elapsed_s"]
         epochs = train_cfg["epochs"]
         progress = log_cfg["progress"] and dist_info.is_main
         for epoch in range(state["epoch"], epochs):
-            resolution = resolution_at(epoch, min_res=res_cfg["min_res"], max_res=res_cfg["max_res"],
-                                       start_ramp=res_cfg["start_ramp"], end_ramp=res_cfg["end_ramp"])
+            resolution = train_res(epoch)
             train_loader.set_resolution(resolution)
             train_loader.set_epoch(epoch)
             generator = seed_epoch(train_cfg["seed"], epoch, dist_info.rank, device)
@@ -551,8 +554,7 @@ def fit(cfg: dict, *, launched_at: float = None) -> dict:
             if train_cfg["stop_after_s"] and not last:
                 next_s = expected_epoch_s(
                     last_train_s=train_s, last_res=resolution,
-                    next_res=resolution_at(epoch + 1, min_res=res_cfg["min_res"], max_res=res_cfg["max_res"],
-                                           start_ramp=res_cfg["start_ramp"], end_ramp=res_cfg["end_ramp"]),
+                    next_res=train_res(epoch + 1),
                     next_validates=validates_after(epoch + 1, epochs=epochs, every=val_cfg["every_n_epochs"]),
                     last_val_s=session["last_val_s"], train_images=train_loader.num_samples,
                     val_images=val_loader.num_samples, val_res=val_cfg["resolution"])
