@@ -44,7 +44,7 @@ class Run:
     val_every: int = 1  # validation.every_n_epochs
     world_size: "int | None" = None
     device: str = "?"
-    precision: "str | None" = None  # what training.precision=auto resolved to (params.json)
+    precision: "str | None" = None  # the precision it trained in (params.json, derived.precision)
     startup_s: "float | None" = None
     # start-ups of the sessions that resumed the run: (first epoch that session ran, seconds)
     restarts: list = field(default_factory=list)
