@@ -9,6 +9,8 @@ On the same images and the same RandomResizedCrop + flip, it measures (images/s)
   dali_loader                 NVIDIA DALI CPU pipeline (decoders.image_random_crop), when installed
   model                       training steps on a batch already on the device (the ceiling)
   e2e                         training steps fed by this toolkit's loader
+  precision_*                 model only in each precision the device offers (CPU: fp32, bf16;
+                              CUDA: fp32, fp16), and which one training.precision=auto picks
   mish_torch / mish_fast      model only with Mish: torch's kernel against FastMish
   sa_weight_input / _gram_weight  model only with self-attention (model.self_attention) computed
                               as (X X^T)(W X) against (X X^T W) X
@@ -40,7 +42,7 @@ CLASSES = 10
 MAX_SIDE = 500
 QUALITY = 90
 SYNTHETIC_SIZES = ((375, 500), (500, 375), (333, 500), (500, 500), (281, 500), (500, 400))
-MODEL_PARTS = ("training", "mish", "attention")   # the parts that time training steps
+MODEL_PARTS = ("training", "precision", "mish", "attention")   # the parts that time training steps
 PARTS = ("torchvision", "dali", *MODEL_PARTS, "writer")   # what --skip can leave out
 
 
@@ -257,10 +259,12 @@ def dali_available() -> bool:
 
 # --------------------------------------------------------------------------- training steps
 
-def training_rate(arch, res, batch, seconds, batches=None, log=print, model=None, label="") -> float:
+def training_rate(arch, res, batch, seconds, batches=None, log=print, model=None, label="",
+                  precision="auto") -> float:
     """Images/s of real training steps (engine's train_one_epoch: SGD, label smoothing, autocast).
     batches=None: one batch already on the device, reused (model-only ceiling). model: use this
-    (already built) model instead of a fresh `arch`; label names it in the log line."""
+    (already built) model instead of a fresh `arch`; label names it in the log line. precision:
+    as training.precision (auto: what training would use here)."""
     import torch
 
     from .models import create_model
@@ -268,7 +272,7 @@ def training_rate(arch, res, batch, seconds, batches=None, log=print, model=None
     from .train import resolve_precision, train_one_epoch
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    precision = resolve_precision("auto", device)
+    precision = resolve_precision(precision, device)
     if model is None:
         model = create_model(arch, num_classes=1000)
     model = model.to(device, memory_format=torch.channels_last)
@@ -322,15 +326,32 @@ def training_rate(arch, res, batch, seconds, batches=None, log=print, model=None
 
 
 def alternating_rates(arch, res, batch, seconds, variants: dict, log=print) -> dict:
-    """{key: training img/s} for variants {key: (setup, label)}, where setup() readies and returns
-    the model to time. The variants are measured alternately, twice each for half of `seconds`,
-    and each rate is the mean of its two, so a slow spell on a shared machine hits all alike."""
+    """{key: training img/s} for variants {key: (setup, label)} or {key: (setup, label, precision)},
+    where setup() readies and returns the model to time. The variants are measured alternately,
+    twice each for half of `seconds`, and each rate is the mean of its two, so a slow spell on a
+    shared machine hits all alike."""
     rates = {key: [] for key in variants}
     for _ in range(2):
-        for key, (setup, label) in variants.items():
+        for key, (setup, label, *precision) in variants.items():
             rates[key].append(training_rate(arch, res, batch, seconds / 2, log=log, model=setup(),
-                                            label=label))
+                                            label=label, precision=(precision or ["auto"])[0]))
     return {key: sum(r) / len(r) for key, r in rates.items()}
+
+
+def precision_rates(arch, res, batch, seconds, log=print) -> dict:
+    """Training img/s of `arch` in fp32 and in the device's half precision (bf16 on the CPU, fp16
+    on CUDA), same weights, alternated; plus `auto`, the precision training.precision=auto picks."""
+    import torch
+
+    from .models import create_model
+    from .train import resolve_precision
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    half = "fp16" if device.type == "cuda" else "bf16"
+    model = create_model(arch, num_classes=1000)
+    rates = alternating_rates(arch, res, batch, seconds, {
+        p: (lambda: model, f" ({p})", p) for p in ("fp32", half)}, log=log)
+    return {"auto": resolve_precision("auto", device), **rates}
 
 
 def mish_rates(arch, res, batch, seconds, log=print) -> tuple:
@@ -412,6 +433,7 @@ def build_table(r: dict) -> str:
             f"| model only ({r['arch']} @ {r['model_resolution']} px, batch on the device) | {_fmt(r.get('model_img_s'))} |",
             f"| end to end (this loader -> same training step) | {_fmt(r.get('e2e_img_s'))} |",
             f"| end to end / model only | {_fmtr(ratio(r.get('e2e_img_s'), r.get('model_img_s')))} |",
+            *_precision_rows(r),
             f"| model only, Mish activations, torch's kernel | {_fmt(r.get('mish_torch_img_s'))} |",
             f"| model only, Mish activations, FastMish | {_fmt(r.get('mish_fast_img_s'))} |",
             f"| FastMish / torch's Mish | {_fmtr(ratio(r.get('mish_fast_img_s'), r.get('mish_torch_img_s')))} |",
@@ -443,6 +465,18 @@ def build_table(r: dict) -> str:
     return "\n".join(out)
 
 
+def _precision_rows(r: dict) -> list:
+    """Rows for the precision part: each precision's model-only rate, the ratio, auto's pick."""
+    half = "bf16" if "precision_bf16_img_s" in r else "fp16"
+    fp32, other = r.get("precision_fp32_img_s"), r.get(f"precision_{half}_img_s")
+    if fp32 is None and other is None:
+        return []
+    auto = r.get("precision_auto", "?")
+    return [f"| model only, fp32{' (auto)' if auto == 'fp32' else ''} | {_fmt(fp32)} |",
+            f"| model only, {half}{' (auto)' if auto == half else ''} | {_fmt(other)} |",
+            f"| {half} / fp32 | {_fmtr(ratio(other, fp32))} |"]
+
+
 def _fmt(x):
     return "–" if x is None or not np.isfinite(x) else f"{x:,.0f}" if x >= 100 else f"{x:.1f}"
 
@@ -456,18 +490,15 @@ def _fmtc(x):
 
 
 def machine() -> dict:
-    cpu = platform.processor() or ""
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     import torch
 
-    return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "python": platform.python_version(),
-            "torch": torch.__version__, "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    from .logger import cpu_model
+    from .train import cpu_has_fast_bf16
+
+    return {"cpu": cpu_model() or platform.processor() or "", "cores": len(os.sched_getaffinity(0)),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_native_bf16": cpu_has_fast_bf16(),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
 # --------------------------------------------------------------------------- main
@@ -637,6 +668,12 @@ def run(args, log=print) -> dict:
                                               torch_threads=_t.get_num_threads())
             result["e2e_img_s"] = training_rate(args.arch, model_res, batch, args.train_seconds,
                                                 batches=loader, log=log)
+        if "precision" not in args.skip:
+            log(f"[bench] precision: fp32 against half precision, {args.arch} @ {model_res} px, batch {batch}")
+            precision = precision_rates(args.arch, model_res, batch, args.train_seconds, log=log)
+            result["precision_auto"] = precision.pop("auto")
+            for name, rate in precision.items():
+                result[f"precision_{name}_img_s"] = rate
         if "mish" not in args.skip:
             log(f"[bench] Mish: torch's kernel against FastMish, {args.arch} @ {model_res} px, batch {batch}")
             result["mish_torch_img_s"], result["mish_fast_img_s"] = mish_rates(
@@ -656,6 +693,8 @@ def run(args, log=print) -> dict:
         "this_over_ffcv_raw50": ratio(result.get("loader_img_s"), result.get("ffcv_raw50_loader_img_s")),
         "this_over_torchvision": ratio(result.get("loader_img_s"), result.get("torchvision_loader_img_s")),
         "e2e_over_model": ratio(result.get("e2e_img_s"), result.get("model_img_s")),
+        "half_over_fp32": ratio(result.get("precision_bf16_img_s", result.get("precision_fp16_img_s")),
+                                result.get("precision_fp32_img_s")),
         "fast_mish_over_torch_mish": ratio(result.get("mish_fast_img_s"), result.get("mish_torch_img_s")),
         "sa_gram_weight_over_weight_input": ratio(result.get("sa_gram_weight_img_s"),
                                                   result.get("sa_weight_input_img_s")),
@@ -672,7 +711,7 @@ def main(argv=None) -> int:
     args.argv = argv
     result = run(args)
     m = result["machine"]
-    print(f"\nffcv-imagenet bench, {result['date']}, {m['cpu']} ({m['cores']} cores), "
+    print(f"\nffcv-imagenet bench, {result['date']}, {m['cpu']} ({m['cores']} cores, {m['cpu_capability']}), "
           f"{result['images']['count']} images ({result['images']['distinct']} distinct, "
           f"{result['images']['source']})\ncommand: {result['command']}\n")
     print(build_table(result))

@@ -5,12 +5,15 @@ import math
 
 import pytest
 
+import torch
+
 from ffcv_imagenet import bench
+from ffcv_imagenet.train import resolve_precision
 
 REQUIRED = ("loader_img_s", "loader_1core_img_s", "ffcv_loader_img_s", "ffcv_loader_1core_img_s",
             "ffcv_raw50_loader_img_s", "torchvision_loader_img_s", "model_img_s", "e2e_img_s",
             "writer_img_s", "ffcv_writer_img_s", "mish_torch_img_s", "mish_fast_img_s",
-            "sa_weight_input_img_s", "sa_gram_weight_img_s")
+            "sa_weight_input_img_s", "sa_gram_weight_img_s", "precision_fp32_img_s")
 
 
 @pytest.mark.slow
@@ -36,17 +39,24 @@ def test_bench_quick_measures_everything(tmp_path, capsys):
         result["mish_fast_img_s"] / result["mish_torch_img_s"])
     assert ratios["sa_gram_weight_over_weight_input"] == pytest.approx(
         result["sa_gram_weight_img_s"] / result["sa_weight_input_img_s"])
+    half = "fp16" if torch.cuda.is_available() else "bf16"
+    assert result[f"precision_{half}_img_s"] > 0
+    assert result["precision_auto"] == resolve_precision("auto", torch.device("cuda" if half == "fp16" else "cpu"))
+    assert ratios["half_over_fp32"] == pytest.approx(
+        result[f"precision_{half}_img_s"] / result["precision_fp32_img_s"])
+    assert result["machine"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     assert result["images"]["count"] == 192 and result["images"]["distinct"] == 24
     printed = capsys.readouterr().out
     assert "| this / stock ffcv, same file |" in printed and "ffcv-imagenet write" in printed
     assert "| FastMish / torch's Mish |" in printed and "| (X X^T W) X / (X X^T)(W X) |" in printed
     assert "command: ffcv-imagenet bench --quick --json" in printed
+    assert f"| {half} / fp32 |" in printed and " (auto) |" in printed
 
 
 def test_bench_options_are_checked(tmp_path):
     with pytest.raises(SystemExit):
         bench.parse_args(["--skip", "torchvision,gpu"])
-    assert bench.parse_args(["--skip", "attention,mish"]).skip == {"attention", "mish"}
+    assert bench.parse_args(["--skip", "attention,mish,precision"]).skip == {"attention", "mish", "precision"}
     with pytest.raises(SystemExit):
         bench.parse_args(["--images", str(tmp_path / "missing")])
     args = bench.parse_args(["--quick", "--extra-res", "96"])
@@ -63,3 +73,14 @@ def test_projection_uses_the_h100_reference_and_per_core_rates():
         "loader_1core_img_s": 1500.0, "ffcv_loader_1core_img_s": 1000.0, "projection": p})
     assert "| this / stock ffcv, same file | 1.50x |" in table
     assert "| 160 | 7,815 | 7.8 | 5.2 |" in table
+    assert "fp32" not in table  # no precision part measured: no rows for it
+
+
+def test_precision_rows_mark_what_auto_picks():
+    rows = bench._precision_rows({"precision_fp32_img_s": 17.0, "precision_bf16_img_s": 1.1,
+                                  "precision_auto": "fp32"})
+    assert rows == ["| model only, fp32 (auto) | 17.0 |", "| model only, bf16 | 1.1 |",
+                    "| bf16 / fp32 | 0.06x |"]
+    rows = bench._precision_rows({"precision_fp32_img_s": 900.0, "precision_fp16_img_s": 2700.0,
+                                  "precision_auto": "fp16"})
+    assert rows[1] == "| model only, fp16 (auto) | 2,700 |" and rows[2] == "| fp16 / fp32 | 3.00x |"
