@@ -326,15 +326,15 @@ def training_rate(arch, res, batch, seconds, batches=None, log=print, model=None
 
 
 def alternating_rates(arch, res, batch, seconds, variants: dict, log=print) -> dict:
-    """{key: training img/s} for variants {key: (setup, label)} or {key: (setup, label, precision)},
-    where setup() readies and returns the model to time. The variants are measured alternately,
-    twice each for half of `seconds`, and each rate is the mean of its two, so a slow spell on a
-    shared machine hits all alike."""
+    """{key: training img/s} for variants {key: (setup, label, precision)}, where setup() readies
+    and returns the model to time and precision is as training.precision. The variants are measured
+    alternately, twice each for half of `seconds`, and each rate is the mean of its two, so a slow
+    spell on a shared machine hits all alike."""
     rates = {key: [] for key in variants}
     for _ in range(2):
-        for key, (setup, label, *precision) in variants.items():
+        for key, (setup, label, precision) in variants.items():
             rates[key].append(training_rate(arch, res, batch, seconds / 2, log=log, model=setup(),
-                                            label=label, precision=(precision or ["auto"])[0]))
+                                            label=label, precision=precision))
     return {key: sum(r) / len(r) for key, r in rates.items()}
 
 
@@ -366,8 +366,8 @@ def mish_rates(arch, res, batch, seconds, log=print) -> tuple:
         for name, child in parent.named_children():
             if isinstance(child, FastMish):
                 setattr(parent, name, torch.nn.Mish())
-    rates = alternating_rates(arch, res, batch, seconds, {
-        "torch": (lambda: plain, " (torch Mish)"), "fast": (lambda: fast, " (FastMish)")}, log=log)
+    rates = alternating_rates(arch, res, batch, seconds, {"torch": (lambda: plain, " (torch Mish)", "auto"),
+                                                          "fast": (lambda: fast, " (FastMish)", "auto")}, log=log)
     return rates["torch"], rates["fast"]
 
 
@@ -384,7 +384,7 @@ def attention_rates(arch, res, batch, seconds, log=print) -> tuple:
             for layer in layers:
                 layer.order = order
             return model
-        return setup, f" (self-attention, {order})"
+        return setup, f" (self-attention, {order})", "auto"
 
     rates = alternating_rates(arch, res, batch, seconds,
                               {order: ordered(order) for order in ("weight_input", "gram_weight")}, log=log)

@@ -468,7 +468,7 @@ def fit(cfg: dict, *, launched_at: float = None) -> dict:
         logger.write_json("env.json", environment(dist_info.world_size))
 
         # 6. loop
-        session = {"first_step_at": None, "last_val_s": None}
+        session = {"first_step_at": None}
 
         def on_first_batch():
             if session["first_step_at"] is not None:
@@ -496,6 +496,7 @@ def fit(cfg: dict, *, launched_at: float = None) -> dict:
                                  start_ramp=res_cfg["start_ramp"], end_ramp=res_cfg["end_ramp"])
 
         val = None
+        last_val_s = None  # this launch's last validation pass, for training.stop_after_s
         elapsed_before = state["elapsed_s"]
         epochs = train_cfg["epochs"]
         progress = log_cfg["progress"] and dist_info.is_main
@@ -521,12 +522,11 @@ def fit(cfg: dict, *, launched_at: float = None) -> dict:
                 val_start = time.time()
                 val = evaluate(model if ema is None else ema.module, val_loader, device=device,
                                precision=precision, lr_tta=val_cfg["lr_tta"], progress=progress)
+                last_val_s = time.time() - val_start
                 if ema is not None and last:  # the model itself too, for comparison
                     raw = evaluate(model, val_loader, device=device, precision=precision,
                                    lr_tta=val_cfg["lr_tta"], progress=progress)
                     val = {**val, **{f"{k}_no_ema": v for k, v in raw.items()}}
-                else:
-                    session["last_val_s"] = time.time() - val_start
             now = time.time()
             state["epoch"] = epoch + 1
             state["step"] += steps_per_epoch
@@ -557,7 +557,7 @@ def fit(cfg: dict, *, launched_at: float = None) -> dict:
                     last_train_s=train_s, last_res=resolution,
                     next_res=train_res(epoch + 1),
                     next_validates=validates_after(epoch + 1, epochs=epochs, every=val_cfg["every_n_epochs"]),
-                    last_val_s=session["last_val_s"], train_images=train_loader.num_samples,
+                    last_val_s=last_val_s, train_images=train_loader.num_samples,
                     val_images=val_loader.num_samples, val_res=val_cfg["resolution"])
                 # 10% to spare; rank 0 decides for all, so that no rank waits for one that stopped
                 stop = distributed.broadcast_object(
