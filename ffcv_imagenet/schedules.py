@@ -39,6 +39,7 @@ result is clamped to [min_res, max_res], which changes nothing for the published
 
 `validates_after(epoch, epochs=..., every=...)` says whether the engine validates after a
 (0-based) epoch: every `every` epochs and always after the last. The report reads logs by it.
+`validation_passes` adds the second pass after the last epoch of a run with a weight average.
 """
 
 import math
@@ -159,6 +160,14 @@ def validates_after(epoch: int, *, epochs: int, every: int) -> bool:
     """Whether the run validates after 0-based `epoch`: after epochs every, 2*every, ... (1-based)
     and after the last of `epochs`."""
     return epoch + 1 == epochs or (epoch + 1) % every == 0
+
+
+def validation_passes(epoch: int, *, epochs: int, every: int, ema: bool) -> int:
+    """Validation passes after 0-based `epoch`: none, one, or with a weight average (`ema`) two
+    after the last epoch, which scores the average and, for comparison, the raw weights."""
+    if not validates_after(epoch, epochs=epochs, every=every):
+        return 0
+    return 2 if ema and epoch + 1 == epochs else 1
 
 
 def resolution_at(epoch: int, *, min_res: int, max_res: int, start_ramp: int, end_ramp: int,

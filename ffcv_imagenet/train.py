@@ -38,7 +38,7 @@ from ffcv_imagenet.config import load_config
 from ffcv_imagenet.data import create_train_loader, create_val_loader, prepare_batch
 from ffcv_imagenet.logger import RunLogger, environment
 from ffcv_imagenet.metadata import check_same_classes, read_metadata
-from ffcv_imagenet.schedules import lr_at, resolution_at, validates_after
+from ffcv_imagenet.schedules import lr_at, resolution_at, validation_passes
 
 # Test hook: "EPOCH:STEP" makes rank 0 (or "EPOCH:STEP:RANK": that rank) SIGKILL itself after
 # optimizer step STEP (1-based) of EPOCH (0-based), to test resume after a hard kill in the middle
@@ -88,17 +88,18 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
-def expected_epoch_s(*, last_train_s: float, last_res: int, next_res: int, next_validates: bool,
+def expected_epoch_s(*, last_train_s: float, last_res: int, next_res: int, val_passes: int,
                      last_val_s: "float | None", train_images: int, val_images: int, val_res: int) -> float:
     """Seconds the next epoch should take: the last epoch's training time scaled by the next
-    resolution's pixel count, plus, when the next epoch validates, the last validation pass of this
-    launch, or before any, a forward pass over the val images at a third of a training step's cost
-    per pixel (forward is about a third of forward + backward)."""
+    resolution's pixel count, plus `val_passes` validation passes (0 when it does not validate; 2 for
+    the last epoch of a run with an EMA, which scores the average and the raw weights), each as long
+    as the last pass of this launch, or before any, a forward pass over the val images at a third of
+    a training step's cost per pixel (forward is about a third of forward + backward)."""
     seconds = last_train_s * (next_res / last_res) ** 2
-    if next_validates:
+    if val_passes:
         if last_val_s is None:
             last_val_s = last_train_s / 3 * (val_images / train_images) * (val_res / last_res) ** 2
-        seconds += last_val_s
+        seconds += val_passes * last_val_s
     return seconds
 
 
@@ -518,12 +519,13 @@ def fit(cfg: dict, *, launched_at: float = None) -> dict:
             train_s = time.time() - epoch_start
             last = epoch == epochs - 1
             val = None
-            if validates_after(epoch, epochs=epochs, every=val_cfg["every_n_epochs"]):
+            passes = validation_passes(epoch, epochs=epochs, every=val_cfg["every_n_epochs"], ema=ema is not None)
+            if passes:
                 val_start = time.time()
                 val = evaluate(model if ema is None else ema.module, val_loader, device=device,
                                precision=precision, lr_tta=val_cfg["lr_tta"], progress=progress)
                 last_val_s = time.time() - val_start
-                if ema is not None and last:  # the model itself too, for comparison
+                if passes == 2:  # the last epoch of an EMA run: the model itself too, for comparison
                     raw = evaluate(model, val_loader, device=device, precision=precision,
                                    lr_tta=val_cfg["lr_tta"], progress=progress)
                     val = {**val, **{f"{k}_no_ema": v for k, v in raw.items()}}
@@ -554,9 +556,9 @@ def fit(cfg: dict, *, launched_at: float = None) -> dict:
             distributed.barrier()
             if train_cfg["stop_after_s"] and not last:
                 next_s = expected_epoch_s(
-                    last_train_s=train_s, last_res=resolution,
-                    next_res=train_res(epoch + 1),
-                    next_validates=validates_after(epoch + 1, epochs=epochs, every=val_cfg["every_n_epochs"]),
+                    last_train_s=train_s, last_res=resolution, next_res=train_res(epoch + 1),
+                    val_passes=validation_passes(epoch + 1, epochs=epochs, every=val_cfg["every_n_epochs"],
+                                                 ema=ema is not None),
                     last_val_s=last_val_s, train_images=train_loader.num_samples,
                     val_images=val_loader.num_samples, val_res=val_cfg["resolution"])
                 # 10% to spare; rank 0 decides for all, so that no rank waits for one that stopped

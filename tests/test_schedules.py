@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from ffcv_imagenet.schedules import SCHEDULES, lr_at, resolution_at, validates_after
+from ffcv_imagenet.schedules import SCHEDULES, lr_at, resolution_at, validates_after, validation_passes
 
 HE = dict(schedule="step_warmup", peak_lr=0.4, epochs=90, warmup_epochs=5,
           milestones=(30, 60, 80), step_ratio=0.1)
@@ -192,3 +192,6 @@ def test_validates_every_n_epochs_and_after_the_last():
     # 0-based epochs of a 10-epoch run validating every 4: after the 4th, the 8th and the 10th
     assert [e for e in range(10) if validates_after(e, epochs=10, every=4)] == [3, 7, 9]
     assert [e for e in range(3) if validates_after(e, epochs=3, every=1)] == [0, 1, 2]
+    # an EMA run scores the raw weights as well after the last epoch only
+    assert [validation_passes(e, epochs=10, every=4, ema=True) for e in range(10)] == [0, 0, 0, 1, 0, 0, 0, 1, 0, 2]
+    assert [validation_passes(e, epochs=10, every=4, ema=False) for e in range(10)] == [0, 0, 0, 1, 0, 0, 0, 1, 0, 1]

@@ -345,13 +345,15 @@ def test_kill_mid_epoch_and_resume_ends_with_the_same_weights(betons, reference_
     assert epochs[1]["elapsed_s"] > killed_elapsed  # elapsed time continues across the restart
 
 
-def test_expected_epoch_s_scales_by_pixels_and_adds_a_validation_pass():
+def test_expected_epoch_s_scales_by_pixels_and_adds_the_validation_passes():
     args = dict(last_train_s=900.0, last_res=96, train_images=9469, val_images=3925, val_res=128)
-    assert train.expected_epoch_s(**args, next_res=96, next_validates=False, last_val_s=None) == 900.0
-    assert train.expected_epoch_s(**args, next_res=128, next_validates=False, last_val_s=245.0) == pytest.approx(1600.0)
-    assert train.expected_epoch_s(**args, next_res=96, next_validates=True, last_val_s=245.0) == 1145.0
+    assert train.expected_epoch_s(**args, next_res=96, val_passes=0, last_val_s=None) == 900.0
+    assert train.expected_epoch_s(**args, next_res=128, val_passes=0, last_val_s=245.0) == pytest.approx(1600.0)
+    assert train.expected_epoch_s(**args, next_res=96, val_passes=1, last_val_s=245.0) == 1145.0
+    # the last epoch of a run with an EMA validates twice (the average and the raw weights)
+    assert train.expected_epoch_s(**args, next_res=96, val_passes=2, last_val_s=245.0) == 1390.0
     # before any validation in this launch: a forward pass (a third of a step) over the val images
-    guess = train.expected_epoch_s(**args, next_res=96, next_validates=True, last_val_s=None) - 900.0
+    guess = train.expected_epoch_s(**args, next_res=96, val_passes=1, last_val_s=None) - 900.0
     assert guess == pytest.approx(300.0 * 3925 / 9469 * (128 / 96) ** 2)
 
 
