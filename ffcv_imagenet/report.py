@@ -13,7 +13,8 @@ folder, or a folder of run folders), and writes:
   against wall-clock, one point per run, the group mean marked) in `--out`.
 
 Runs that were cut short or whose logs lack a field are listed, marked as such, never dropped:
-a cut-short run gets its own row with "incomplete k/N" and is not averaged with finished runs.
+a cut-short run gets its own row with "incomplete k/N" and is not averaged with finished runs,
+marked "stopped by training.stop_after_s" when its last launch ended itself at a time limit.
 """
 
 import argparse
@@ -152,6 +153,7 @@ def load_run(folder: Path) -> Run:
             run.problems.append(f"env.json unreadable ({e})")
 
     by_epoch = {}
+    stopped = False  # whether the last launch ended itself at training.stop_after_s
     for line_no, line in enumerate((folder / "log.jsonl").read_text().splitlines(), start=1):
         if not line.strip():
             continue
@@ -161,6 +163,7 @@ def load_run(folder: Path) -> Run:
             run.problems.append(f"log.jsonl line {line_no} is not JSON (cut off while writing?)")
             continue
         kind = record.get("type", "epoch" if "epoch" in record else None)
+        stopped = kind == "stopped" or (stopped and kind not in ("start", "epoch"))
         if kind == "start":
             if run.startup_s is None:  # the first launch's
                 run.startup_s = record.get("startup_s")
@@ -193,7 +196,8 @@ def load_run(folder: Path) -> Run:
         run.problems.append("missing startup_s")
     if not run.complete:
         planned = run.planned_epochs if run.planned_epochs is not None else "?"
-        run.problems.insert(0, f"incomplete {len(run.epochs)}/{planned} epochs")
+        run.problems.insert(0, f"incomplete {len(run.epochs)}/{planned} epochs"
+                               + (", stopped by training.stop_after_s" if stopped else ""))
     return run
 
 

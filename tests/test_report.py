@@ -58,6 +58,22 @@ def test_cut_short_and_missing_fields_are_shown_not_dropped(tmp_path):
     assert len([line for line in table.splitlines() if line.startswith("| ")]) == 4  # header + 3 rows
 
 
+def test_a_run_stopped_at_its_time_limit_says_so(tmp_path):
+    write_run(tmp_path / "stopped", "p", [0.5], epochs_planned=3, summary=False)
+    write_run(tmp_path / "killed", "p", [0.5], epochs_planned=3, summary=False)
+    with open(tmp_path / "stopped" / "log.jsonl", "a") as f:
+        f.write(json.dumps({"type": "stopped", "epoch": 1, "next_epoch_expected_s": 70.0,
+                            "stop_after_s": 100.0, "elapsed_s": 60.0}) + "\n")
+    problems = {run.folder.name: run.problems[0] for run in report.find_runs([tmp_path])}
+    assert problems == {"stopped": "incomplete 1/3 epochs, stopped by training.stop_after_s",
+                        "killed": "incomplete 1/3 epochs"}
+    # resumed afterwards and killed in the next launch: no longer the time limit's doing
+    with open(tmp_path / "stopped" / "log.jsonl", "a") as f:
+        f.write(json.dumps({"type": "start", "startup_s": 5.0, "resumed_from_epoch": 1}) + "\n")
+    (stopped,) = [run for run in report.find_runs([tmp_path]) if run.folder.name == "stopped"]
+    assert stopped.problems[0] == "incomplete 1/3 epochs"
+
+
 def _validate_every(folder, n, blank_epochs):
     """Rewrite a run's logs as if it validated every `n` epochs; `blank_epochs` lose top-1/5."""
     params = json.loads((folder / "params.json").read_text())
