@@ -1,7 +1,7 @@
 """The training engine end to end on a tiny generated .beton pair (10 classes, 32 px, resnet18):
 logs and their fields, gradient accumulation, batch planning, evaluation against a hand
 computation, kill-and-resume equivalence, 2-process gloo runs through torchrun (one that succeeds,
-one whose rank 1 dies), eval_only, and the refusals (class lists, a loader with no step).
+one that stops at a time limit, one whose rank 1 dies), eval_only, and the refusals (class lists, a loader with no step).
 
 The slow tests run subprocesses (each pays ffcv's numba compilation again); they are marked `slow`
 and run by default. The uninterrupted reference run is in this process and the killed one in a
@@ -490,6 +490,23 @@ def test_two_process_gloo_run_through_torchrun(betons, tmp_path):
                                                        "params.json"]
     model_keys = load_checkpoint(folder / "checkpoint.pt")["model"].keys()
     assert "fc.weight" in model_keys and not any(k.startswith("module.") for k in model_keys)
+
+
+@pytest.mark.slow
+def test_two_processes_stop_together_at_the_time_limit(betons, tmp_path):
+    folder = tmp_path / "ddp_stop"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    # every rank must leave at the same epoch (rank 0 decides and broadcasts): a rank that went on
+    # would wait for the other in its first collective and the job would hang until the timeout
+    argv = run_args(*betons, folder, "--training.epochs=2", "--training.global_batch_size=32",
+                    "--training.deterministic=0", "--training.stop_after_s=0.001")
+    out = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", "-m",
+                          "ffcv_imagenet.train", *argv], env=engine_env(), capture_output=True,
+                         text=True, timeout=240)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.count("stopped after epoch 1/2") == 1  # printed by rank 0 only
+    assert [r["epoch"] for r in records(folder, "epoch")] == [0] and len(records(folder, "stopped")) == 1
+    assert not records(folder, "summary") and load_checkpoint(folder / "checkpoint.pt")["epoch"] == 1
 
 
 @pytest.mark.slow
