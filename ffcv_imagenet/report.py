@@ -9,6 +9,8 @@ folder, or a folder of run folders), and writes:
   target, mean images/s;
 - a second table, one row per run: top-1, start-up (launch to the first step), wall-clock,
   images/s, machine (from env.json) and precision, date and the command (from params.json's argv);
+  a run whose launches trained in different precisions reads e.g. "bf16+fp32", flagged, and is
+  not averaged with runs in one precision;
 - `top1_vs_time.png`, `top1_vs_epoch.png` (every run overlaid) and `front.png` (final top-1
   against wall-clock, one point per run, the group mean marked) in `--out`.
 
@@ -154,6 +156,7 @@ def load_run(folder: Path) -> Run:
 
     by_epoch = {}
     stopped = False  # whether the last launch ended itself at training.stop_after_s
+    precisions = []  # of the launches, from their start lines, in order
     for line_no, line in enumerate((folder / "log.jsonl").read_text().splitlines(), start=1):
         if not line.strip():
             continue
@@ -170,6 +173,8 @@ def load_run(folder: Path) -> Run:
                 run.date = str(record.get("time") or "?")[:10]
             elif record.get("startup_s") is not None:  # a session that resumed the run
                 run.restarts.append((record.get("resumed_from_epoch"), record["startup_s"]))
+            if record.get("precision") and record["precision"] not in precisions:
+                precisions.append(record["precision"])
             run.world_size = record.get("world_size", run.world_size)
             run.device = record.get("device", run.device) or run.device
         elif kind == "epoch":
@@ -181,6 +186,12 @@ def load_run(folder: Path) -> Run:
             if run.startup_s is None:
                 run.startup_s = record.get("startup_s")
     run.epochs = [by_epoch[k] for k in sorted(by_epoch, key=lambda e: (e is None, e))]
+
+    if len(precisions) > 1:  # resumed on a machine where precision=auto picked another one
+        run.precision = "+".join(precisions)
+        run.problems.append("precision changed between launches: " + " -> ".join(precisions))
+    elif precisions and run.precision is None:
+        run.precision = precisions[0]
 
     missing = {k for rec in run.epochs for k in EPOCH_FIELDS if rec.get(k) is None}
     numbered = [rec["epoch"] for rec in run.epochs if isinstance(rec.get("epoch"), int)]

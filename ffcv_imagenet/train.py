@@ -110,10 +110,16 @@ RESUME_MAY_CHANGE = ("data.train_dataset", "data.val_dataset", "data.num_workers
                      "training.device", "logging.folder", "logging.progress")
 
 
-def resume_changes(saved: dict, current: dict) -> list:
+def resume_changes(saved: dict, current: dict, *, saved_precision: "str | None" = None,
+                   precision: "str | None" = None) -> list:
     """'section.key: old -> new' for each setting of `current` that differs from the checkpoint's
-    config `saved`, apart from RESUME_MAY_CHANGE."""
+    config `saved`, apart from RESUME_MAY_CHANGE; and the precision the run trained in so far
+    against this launch's, which training.precision=auto picks per machine (bf16 on a CPU with
+    AVX-512, fp32 on one without), so that it can change with the same settings."""
     changes = []
+    if saved_precision and precision and saved_precision != precision:
+        changes.append(f"precision: {saved_precision} -> {precision} (training.precision="
+                       f"{current.get('training', {}).get('precision')!r} on this machine)")
     for section, values in current.items():
         if section == "meta" or not isinstance(values, dict):
             continue
@@ -447,7 +453,8 @@ def fit(cfg: dict, *, launched_at: float = None) -> dict:
                 resumed_from = state["epoch"]
                 if dist_info.is_main:
                     print(f"resuming {folder} after epoch {resumed_from} (step {state['step']})", flush=True)
-                    changes = resume_changes(checkpoint.get("config") or {}, cfg)
+                    changes = resume_changes(checkpoint.get("config") or {}, cfg, precision=precision,
+                                             saved_precision=(checkpoint.get("derived") or {}).get("precision"))
                     if changes:
                         print(f"warning: resuming {checkpoint_path} with settings that differ from the "
                               f"run's so far (the rest of the run uses the new ones): {'; '.join(changes)}",

@@ -189,6 +189,18 @@ def test_runs_in_other_precisions_are_not_averaged_together(tmp_path):
     assert "| 2-core CPU (AMD EPYC, AVX512), bf16 |" in per_run
     assert "| 2-core CPU (AMD EPYC, AVX2), fp32 |" in per_run
 
+    # b2 resumed on a machine where precision=auto picked fp32: its own group, flagged
+    log = tmp_path / "b2" / "log.jsonl"
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    lines[0]["precision"] = "bf16"
+    lines.insert(2, {"type": "start", "startup_s": 9.0, "resumed_from_epoch": 1, "precision": "fp32"})
+    log.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    runs = report.find_runs([tmp_path])
+    (b2,) = [run for run in runs if run.folder.name == "b2"]
+    assert b2.precision == "bf16+fp32" and "precision changed between launches: bf16 -> fp32" in b2.problems
+    rows = [line for line in report.make_table(runs, targets=(0.7,)).splitlines() if line.startswith("| fast")]
+    assert len(rows) == 3 and any("| fast | 1 | 2 | 1 × cpu, bf16+fp32 | 90.00% |" in row for row in rows)
+
 
 def test_environment_records_the_cpu_model():
     from ffcv_imagenet.logger import environment

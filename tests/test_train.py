@@ -366,6 +366,11 @@ def test_resume_names_the_settings_that_changed_and_only_those():
     assert train.resume_changes(saved, {**current, "lr": saved["lr"]}) == []
     # a setting the checkpoint's config lacks (added to the engine since) is not a change
     assert train.resume_changes({}, current) == []
+    # the same settings on a machine where precision=auto picks another precision
+    auto = {"training": {"precision": "auto"}}
+    assert train.resume_changes(auto, auto, saved_precision="bf16", precision="fp32") == [
+        "precision: bf16 -> fp32 (training.precision='auto' on this machine)"]
+    assert train.resume_changes(auto, auto, saved_precision="fp32", precision="fp32") == []
 
 
 @pytest.mark.slow
