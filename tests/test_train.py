@@ -53,6 +53,13 @@ def engine_env(**extra):
     return env
 
 
+def torchrun_2(argv, **env):
+    """The engine under torchrun with 2 processes on this machine (gloo), as a user runs it."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    return subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "ffcv_imagenet.train",
+                           *argv], env=engine_env(**env), capture_output=True, text=True, timeout=240)
+
+
 def records(folder, kind=None):
     with open(Path(folder) / "log.jsonl") as f:
         lines = [json.loads(line) for line in f if line.strip()]
@@ -475,14 +482,11 @@ def test_resume_drops_epochs_the_checkpoint_does_not_hold(tmp_path):
 @pytest.mark.slow
 def test_two_process_gloo_run_through_torchrun(betons, tmp_path):
     folder = tmp_path / "ddp"
-    torchrun = Path(sys.executable).with_name("torchrun")
     # 2 processes x 8 images x 2 accumulation steps = 32 images per step; 40 per rank = 5 batches
     # val batch 6: rank 0 evaluates 19 images in 4 batches (the last of one image), rank 1 18 in 3
     argv = run_args(*betons, folder, "--training.epochs=1", "--training.global_batch_size=32",
                     "--training.deterministic=0", "--validation.batch_size=6")
-    out = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", "-m",
-                          "ffcv_imagenet.train", *argv], env=engine_env(), capture_output=True,
-                         text=True, timeout=240)
+    out = torchrun_2(argv)
     assert out.returncode == 0, out.stderr[-3000:]
     (epoch,) = records(folder, "epoch")  # only rank 0 writes
     assert epoch["val_count"] == VAL_IMAGES  # 19 + 18: every val image once, none padded
@@ -500,14 +504,11 @@ def test_two_process_gloo_run_through_torchrun(betons, tmp_path):
 @pytest.mark.slow
 def test_two_processes_stop_together_at_the_time_limit(betons, tmp_path):
     folder = tmp_path / "ddp_stop"
-    torchrun = Path(sys.executable).with_name("torchrun")
     # every rank must leave at the same epoch (rank 0 decides and broadcasts): a rank that went on
     # would wait for the other in its first collective and the job would hang until the timeout
     argv = run_args(*betons, folder, "--training.epochs=2", "--training.global_batch_size=32",
                     "--training.deterministic=0", "--training.stop_after_s=0.001")
-    out = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", "-m",
-                          "ffcv_imagenet.train", *argv], env=engine_env(), capture_output=True,
-                         text=True, timeout=240)
+    out = torchrun_2(argv)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.count("stopped after epoch 1/2") == 1  # printed by rank 0 only
     assert [r["epoch"] for r in records(folder, "epoch")] == [0] and len(records(folder, "stopped")) == 1
@@ -517,12 +518,9 @@ def test_two_processes_stop_together_at_the_time_limit(betons, tmp_path):
 @pytest.mark.slow
 def test_a_failing_rank_ends_the_job_instead_of_hanging(betons, tmp_path):
     folder = tmp_path / "ddp_fail"
-    torchrun = Path(sys.executable).with_name("torchrun")
     started = time.time()
-    out = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", "-m",
-                          "ffcv_imagenet.train", *run_args(*betons, folder, "--training.epochs=1")],
-                         env=engine_env(**{train.KILL_ENV: "0:1:1"}),  # rank 1 dies after step 1
-                         capture_output=True, text=True, timeout=240)
+    out = torchrun_2(run_args(*betons, folder, "--training.epochs=1"),
+                     **{train.KILL_ENV: "0:1:1"})  # rank 1 dies after step 1
     assert out.returncode != 0
     assert time.time() - started < 200  # far below the process group's 600 s timeout
     assert "ffcv_imagenet.train FAILED" in out.stderr and "local_rank: 1" in out.stderr
