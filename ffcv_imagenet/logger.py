@@ -10,8 +10,8 @@ with the same command line finds it again):
 
 log.jsonl lines, in order:
     {"type": "start", "startup_s", "world_size", "global_batch_size", "batch_size_per_gpu",
-     "accum_steps", "peak_lr", "precision", "device", "resumed_from_epoch": null|int, "time"}
-        at every (re)start;
+     "accum_steps", "peak_lr", "precision", "device", "resumed_from_epoch": null|int, "argv", "time"}
+        at every (re)start (argv: this launch's command-line arguments; params.json keeps the last's);
     {"type": "epoch", "epoch", "lr", "resolution", "train_loss", "train_images_per_s", "top_1",
      "top_5", "val_loss", "val_count", "epoch_s", "elapsed_s", "time"}  per epoch (0-based);
     {"type": "summary", "epochs", "top_1", "top_5", "elapsed_s", "startup_s", "total_images",

@@ -8,7 +8,9 @@ folder, or a folder of run folders), and writes:
   runs), wall-clock to the end (start-up plus training and validation), time to reach each top-1
   target, mean images/s;
 - a second table, one row per run: top-1, start-up (launch to the first step), wall-clock,
-  images/s, machine (from env.json) and precision, date and the command (from params.json's argv);
+  images/s, machine (from env.json) and precision, date and the command: the first launch's (from
+  its `start` line; params.json's argv for older logs), plus the arguments that later launches of a
+  resumed run added (`--training.stop_after_s=...`);
   a run whose launches trained in different precisions reads e.g. "bf16+fp32", flagged, and is
   not averaged with runs in one precision;
 - `top1_vs_time.png`, `top1_vs_epoch.png` (every run overlaid) and `front.png` (final top-1
@@ -57,6 +59,7 @@ class Run:
     machine: str = "?"
     date: str = "?"
     command: str = "?"
+    resumed_with: list = field(default_factory=list)  # arguments later launches added to the first's
 
     @property
     def complete(self) -> bool:
@@ -144,7 +147,7 @@ def load_run(folder: Path) -> Run:
         run.precision = str(precision) if precision else None
         argv = _lookup(params, "argv")
         if isinstance(argv, list):
-            run.command = "ffcv-imagenet train " + " ".join(shlex.quote(str(a)) for a in argv)
+            run.command = _train_command(argv)
     else:
         run.problems.append("no params.json")
     env_path = folder / "env.json"
@@ -157,6 +160,7 @@ def load_run(folder: Path) -> Run:
     by_epoch = {}
     stopped = False  # whether the last launch ended itself at training.stop_after_s
     precisions = []  # of the launches, from their start lines, in order
+    launch_argvs = []  # likewise (logs written before start lines carried argv have none)
     for line_no, line in enumerate((folder / "log.jsonl").read_text().splitlines(), start=1):
         if not line.strip():
             continue
@@ -173,6 +177,8 @@ def load_run(folder: Path) -> Run:
                 run.date = str(record.get("time") or "?")[:10]
             elif record.get("startup_s") is not None:  # a session that resumed the run
                 run.restarts.append((record.get("resumed_from_epoch"), record["startup_s"]))
+            if isinstance(record.get("argv"), list):
+                launch_argvs.append([str(a) for a in record["argv"]])
             if record.get("precision") and record["precision"] not in precisions:
                 precisions.append(record["precision"])
             run.world_size = record.get("world_size", run.world_size)
@@ -186,6 +192,11 @@ def load_run(folder: Path) -> Run:
             if run.startup_s is None:
                 run.startup_s = record.get("startup_s")
     run.epochs = [by_epoch[k] for k in sorted(by_epoch, key=lambda e: (e is None, e))]
+
+    if launch_argvs:  # the command that started the run, and what its resumes added
+        run.command = _train_command(launch_argvs[0])
+        run.resumed_with = list(dict.fromkeys(a for argv in launch_argvs[1:] for a in argv
+                                              if a not in launch_argvs[0]))
 
     if len(precisions) > 1:  # resumed on a machine where precision=auto picked another one
         run.precision = "+".join(precisions)
@@ -210,6 +221,10 @@ def load_run(folder: Path) -> Run:
         run.problems.insert(0, f"incomplete {len(run.epochs)}/{planned} epochs"
                                + (", stopped by training.stop_after_s" if stopped else ""))
     return run
+
+
+def _train_command(argv) -> str:
+    return "ffcv-imagenet train " + " ".join(shlex.quote(str(a)) for a in argv)
 
 
 def describe_machine(env: dict) -> str:
@@ -318,6 +333,15 @@ def _startups(run) -> str:
     return text
 
 
+def _command_cell(run) -> str:
+    if run.command == "?":
+        return "?"
+    text = f"`{run.command}`"
+    if run.resumed_with:
+        text += " (resumed with `" + " ".join(shlex.quote(a) for a in run.resumed_with) + "`)"
+    return text
+
+
 def make_runs_table(runs) -> str:
     """One row per run: what a reader needs to repeat it and to judge its figures."""
     header = ["run", "preset", "top-1", "start-up", "wall-clock", "img/s", "machine", "date", "command"]
@@ -331,7 +355,7 @@ def make_runs_table(runs) -> str:
             _minutes(wall) if wall is not None else "—",
             _rate(rate) if rate is not None else "—",
             f"{run.machine}, {run.precision}" if run.precision else run.machine,
-            run.date, f"`{run.command}`" if run.command != "?" else "?",
+            run.date, _command_cell(run),
         ]))
     return "\n".join(rows) + "\n"
 

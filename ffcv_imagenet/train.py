@@ -490,7 +490,7 @@ def fit(cfg: dict, *, launched_at: float = None) -> dict:
                         "batch_size_per_gpu": train_cfg["batch_size"],
                         "accum_steps": plan["accum_steps"], "peak_lr": plan["peak_lr"],
                         "precision": precision, "device": str(device),
-                        "resumed_from_epoch": resumed_from})
+                        "resumed_from_epoch": resumed_from, "argv": cfg.get("meta", {}).get("argv")})
 
         def lr_fn(epoch_float):
             return lr_at(epoch_float, schedule=lr_cfg["lr_schedule_type"], peak_lr=plan["peak_lr"],

@@ -170,6 +170,27 @@ def test_runs_table_names_machine_date_and_command(tmp_path):
     assert "| run | preset | top-1 | start-up |" in (tmp_path / "report.md").read_text()
 
 
+def test_a_resumed_run_shows_its_first_command_and_what_resumes_added(tmp_path):
+    write_run(tmp_path / "run", "fast", [0.3, 0.6])
+    (tmp_path / "run" / "params.json").write_text(json.dumps(  # rewritten by the last launch
+        {"config_file": "fast.yaml", "training": {"epochs": 2},
+         "argv": ["--config-file", "fast.yaml", "--training.resume=1", "--training.stop_after_s=900"]}))
+    first = ["--config-file", "fast.yaml", "--training.resume=1"]
+    lines = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    lines[0]["argv"] = first
+    lines.insert(2, {"type": "start", "startup_s": 3.0, "resumed_from_epoch": 1,
+                     "argv": first + ["--training.stop_after_s=600"]})
+    lines.insert(4, {"type": "start", "startup_s": 3.0, "resumed_from_epoch": 1,
+                     "argv": first + ["--training.stop_after_s=900"]})
+    (tmp_path / "run" / "log.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+    (run,) = report.find_runs([tmp_path])
+    assert run.command == "ffcv-imagenet train --config-file fast.yaml --training.resume=1"
+    assert run.resumed_with == ["--training.stop_after_s=600", "--training.stop_after_s=900"]
+    assert ("`ffcv-imagenet train --config-file fast.yaml --training.resume=1` (resumed with "
+            "`--training.stop_after_s=600 --training.stop_after_s=900`)") in report.make_runs_table([run])
+
+
 def test_runs_in_other_precisions_are_not_averaged_together(tmp_path):
     for name, precision, top1 in (("b1", "bf16", 0.8), ("b2", "bf16", 0.9), ("f1", "fp32", 0.7)):
         write_run(tmp_path / name, "fast", [0.5, top1])

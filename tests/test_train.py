@@ -399,7 +399,9 @@ def test_stop_after_s_ends_at_an_epoch_and_resume_finishes_the_same_run(betons, 
     assert resumed["epoch"] == EPOCHS
     assert all(torch.equal(expected["model"][k], resumed["model"][k]) for k in expected["model"])
     assert [r["epoch"] for r in records(folder, "epoch")] == list(range(EPOCHS))
-    assert [r["resumed_from_epoch"] for r in records(folder, "start")] == [None, 1]
+    starts = records(folder, "start")
+    assert [r["resumed_from_epoch"] for r in starts] == [None, 1]
+    assert [r["argv"][-1] for r in starts] == ["--training.stop_after_s=0.001", "--training.stop_after_s=3600"]
     (summary,) = records(folder, "summary")
     assert summary["total_images"] == EPOCHS * 80  # nothing replayed
 
