@@ -224,7 +224,7 @@ def load_run(folder: Path) -> Run:
 
 
 def _train_command(argv) -> str:
-    return "ffcv-imagenet train " + " ".join(shlex.quote(str(a)) for a in argv)
+    return "ffcv-imagenet train " + shlex.join(str(a) for a in argv)
 
 
 def describe_machine(env: dict) -> str:
@@ -338,7 +338,7 @@ def _command_cell(run) -> str:
         return "?"
     text = f"`{run.command}`"
     if run.resumed_with:
-        text += " (resumed with `" + " ".join(shlex.quote(a) for a in run.resumed_with) + "`)"
+        text += f" (resumed with `{shlex.join(run.resumed_with)}`)"
     return text
 
 
