@@ -10,7 +10,8 @@ folder, or a folder of run folders), and writes:
 - a second table, one row per run: top-1, start-up (launch to the first step), wall-clock,
   images/s, machine (from env.json) and precision, date and the command: the first launch's (from
   its `start` line; params.json's argv for older logs), plus the arguments that later launches of a
-  resumed run added (`--training.stop_after_s=...`);
+  resumed run added (`--training.stop_after_s=...`) and those of the first launch's that a later
+  launch left out (its setting went back to the config file's or the default);
   a run whose launches trained in different precisions reads e.g. "bf16+fp32", flagged, and is
   not averaged with runs in one precision;
 - `top1_vs_time.png`, `top1_vs_epoch.png` (every run overlaid) and `front.png` (final top-1
@@ -60,6 +61,7 @@ class Run:
     date: str = "?"
     command: str = "?"
     resumed_with: list = field(default_factory=list)  # arguments later launches added to the first's
+    resumed_without: list = field(default_factory=list)  # the first's arguments a later launch lacked
 
     @property
     def complete(self) -> bool:
@@ -197,6 +199,9 @@ def load_run(folder: Path) -> Run:
         run.command = _train_command(launch_argvs[0])
         run.resumed_with = list(dict.fromkeys(a for argv in launch_argvs[1:] for a in argv
                                               if a not in launch_argvs[0]))
+        run.resumed_without = list(dict.fromkeys(
+            a for argv in launch_argvs[1:] for a in launch_argvs[0]
+            if _arg_key(a) is not None and _arg_key(a) not in {_arg_key(b) for b in argv}))
 
     if len(precisions) > 1:  # resumed on a machine where precision=auto picked another one
         run.precision = "+".join(precisions)
@@ -221,6 +226,14 @@ def load_run(folder: Path) -> Run:
         run.problems.insert(0, f"incomplete {len(run.epochs)}/{planned} epochs"
                                + (", stopped by training.stop_after_s" if stopped else ""))
     return run
+
+
+def _arg_key(arg: str):
+    """`--section.key` of a `--section.key=value` argument; None for anything else (a value of
+    `--config-file FILE`, a bare flag), which is compared whole through resumed_with only."""
+    if not arg.startswith("--") or "=" not in arg:
+        return None
+    return arg.split("=", 1)[0]
 
 
 def _train_command(argv) -> str:
@@ -339,6 +352,8 @@ def _command_cell(run) -> str:
     text = f"`{run.command}`"
     if run.resumed_with:
         text += f" (resumed with `{shlex.join(run.resumed_with)}`)"
+    if run.resumed_without:
+        text += f" (resumed without `{shlex.join(run.resumed_without)}`)"
     return text
 
 

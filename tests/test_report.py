@@ -189,6 +189,23 @@ def test_a_resumed_run_shows_its_first_command_and_what_resumes_added(tmp_path):
     assert run.resumed_with == ["--training.stop_after_s=600", "--training.stop_after_s=900"]
     assert ("`ffcv-imagenet train --config-file fast.yaml --training.resume=1` (resumed with "
             "`--training.stop_after_s=600 --training.stop_after_s=900`)") in report.make_runs_table([run])
+    assert run.resumed_without == []  # a changed value is not a dropped argument
+
+
+def test_a_resume_that_leaves_out_an_argument_of_the_first_launch_says_so(tmp_path):
+    write_run(tmp_path / "run", "fast", [0.3, 0.6])
+    first = ["--config-file", "fast.yaml", "--training.resume=1", "--training.seed=3", "--lr.lr=0.5"]
+    lines = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    lines[0]["argv"] = first
+    lines.insert(2, {"type": "start", "startup_s": 3.0, "resumed_from_epoch": 1,
+                     "argv": ["--config-file", "fast.yaml", "--training.resume=1", "--lr.lr=0.7"]})
+    (tmp_path / "run" / "log.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+    (run,) = report.find_runs([tmp_path])
+    assert run.resumed_with == ["--lr.lr=0.7"]
+    assert run.resumed_without == ["--training.seed=3"]
+    assert ("(resumed with `--lr.lr=0.7`) (resumed without `--training.seed=3`)"
+            in report.make_runs_table([run]))
 
 
 def test_runs_in_other_precisions_are_not_averaged_together(tmp_path):
