@@ -493,7 +493,7 @@ def machine() -> dict:
     import torch
 
     from .logger import cpu_model
-    from .train import cpu_has_fast_bf16
+    from .distributed import cpu_has_fast_bf16
 
     return {"cpu": cpu_model() or platform.processor() or "", "cores": len(os.sched_getaffinity(0)),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_native_bf16": cpu_has_fast_bf16(),

@@ -112,7 +112,7 @@ def environment(world_size: int) -> dict:
 
     import torch
 
-    from ffcv_imagenet.train import cpu_has_fast_bf16
+    from ffcv_imagenet.distributed import cpu_has_fast_bf16
 
     versions = {}
     for package in ("torch", "torchvision", "ffcv", "numba", "numpy", "fastargs", "ffcv-imagenet"):

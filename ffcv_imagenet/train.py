@@ -60,29 +60,16 @@ def launch_time() -> float:
     return process.create_time()
 
 
-def cpu_has_fast_bf16() -> bool:
-    """Whether this CPU runs bf16 convolutions natively (oneDNN's bf16 kernels need AVX-512).
-
-    Without them autocast falls back to reference kernels: on a 2-core AVX2-only AMD EPYC a
-    ResNet-50 training step at 96 px, batch 32, ran 13.5x slower in bf16 than in fp32 (1.10
-    against 14.9 img/s, `ffcv-imagenet bench`: results/bench/precision-avx2.json).
-    """
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):  # private op gone in some release: ask ATen's dispatch
-        return torch.backends.cpu.get_cpu_capability().upper().startswith("AVX512")
-
-
 def resolve_precision(precision: str, device: torch.device) -> str:
     """`auto`: fp16 (+GradScaler) on CUDA; on the CPU bf16 where it runs natively, else fp32."""
     if precision == "auto":
         if device.type == "cuda":
             return "fp16"
-        return "bf16" if cpu_has_fast_bf16() else "fp32"
+        return "bf16" if distributed.cpu_has_fast_bf16() else "fp32"
     if device.type == "cpu" and precision == "fp16":
         print("warning: fp16 autocast on CPU was 20-60x slower than bf16 (on an AVX-512 CPU); "
               "use --training.precision=auto", file=sys.stderr)
-    elif device.type == "cpu" and precision == "bf16" and not cpu_has_fast_bf16():
+    elif device.type == "cpu" and precision == "bf16" and not distributed.cpu_has_fast_bf16():
         print("warning: this CPU has no native bf16 (no AVX-512), so bf16 autocast runs 13-15x "
               "slower than fp32; use --training.precision=auto (fp32 here)", file=sys.stderr)
     return precision

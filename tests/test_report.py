@@ -242,7 +242,7 @@ def test_runs_in_other_precisions_are_not_averaged_together(tmp_path):
 
 def test_environment_records_the_cpu_model():
     from ffcv_imagenet.logger import environment
-    from ffcv_imagenet.train import cpu_has_fast_bf16
+    from ffcv_imagenet.distributed import cpu_has_fast_bf16
 
     env = environment(1)
     assert "cpu_model" in env and env["cpu_count"] >= 1

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from engine_data import VAL_IMAGES, shared_betons
-from ffcv_imagenet import train
+from ffcv_imagenet import distributed, train
 from ffcv_imagenet.checkpoint import load_checkpoint
 from ffcv_imagenet.config import load_config
 
@@ -137,10 +137,10 @@ def one_epoch(model, batches, *, steps, accum):
 
 def test_auto_precision_is_bf16_only_on_a_cpu_that_runs_it_natively(monkeypatch, capsys):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    monkeypatch.setattr(train, "cpu_has_fast_bf16", lambda: True)
+    monkeypatch.setattr(distributed, "cpu_has_fast_bf16", lambda: True)
     assert train.resolve_precision("auto", cpu) == "bf16"
     assert train.resolve_precision("bf16", cpu) == "bf16" and capsys.readouterr().err == ""
-    monkeypatch.setattr(train, "cpu_has_fast_bf16", lambda: False)
+    monkeypatch.setattr(distributed, "cpu_has_fast_bf16", lambda: False)
     assert train.resolve_precision("auto", cpu) == "fp32"
     assert train.resolve_precision("auto", cuda) == "fp16"
     assert train.resolve_precision("bf16", cpu) == "bf16"  # asked for: kept, with a warning
@@ -153,9 +153,9 @@ def test_fast_bf16_check_falls_back_to_the_cpu_capability(monkeypatch):
 
     monkeypatch.setattr(torch.ops, "mkldnn", types.SimpleNamespace())  # no private op
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
-    assert train.cpu_has_fast_bf16() is True
+    assert distributed.cpu_has_fast_bf16() is True
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
-    assert train.cpu_has_fast_bf16() is False
+    assert distributed.cpu_has_fast_bf16() is False
 
 
 def test_gradient_accumulation_equals_the_large_batch():
@@ -281,7 +281,7 @@ def test_run_writes_params_and_env(reference_run):
     derived = params["derived"]
     assert (derived["global_batch_size"], derived["accum_steps"], derived["peak_lr"]) == (8, 1, 0.02)
     assert derived["steps_per_epoch"] == 10 and derived["world_size"] == 1
-    assert derived["precision"] == ("bf16" if train.cpu_has_fast_bf16() else "fp32")
+    assert derived["precision"] == ("bf16" if distributed.cpu_has_fast_bf16() else "fp32")
     assert derived["train_samples"] == 80
     assert params["argv"] == run_args(*[params["data"][k] for k in ("train_dataset", "val_dataset")],
                                       folder)
