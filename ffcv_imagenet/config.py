@@ -355,7 +355,7 @@ def resolve(values: dict, source: str = "config") -> dict:
     return out
 
 
-def _parse_cli(argv: list) -> tuple:
+def parse_cli(argv: list) -> tuple:
     """argv -> (config files, {'section.key': 'string value'}) in order of appearance."""
     files, values = [], {}
     i = 0
@@ -410,7 +410,7 @@ def load_config(argv: list) -> dict:
     if "--help" in argv or "-h" in argv:
         print(help_text())
         sys.exit(0)
-    files, cli_values = _parse_cli(argv)
+    files, cli_values = parse_cli(argv)
     merged = {}
     for path in files:
         tree = load_config_file(path)

@@ -31,6 +31,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ffcv_imagenet.config import ConfigError, parse_cli
 from ffcv_imagenet.schedules import validates_after
 
 EPOCH_FIELDS = ("epoch", "lr", "resolution", "train_loss", "train_images_per_s", "epoch_s", "elapsed_s")
@@ -199,9 +200,10 @@ def load_run(folder: Path) -> Run:
         run.command = _train_command(launch_argvs[0])
         run.resumed_with = list(dict.fromkeys(a for argv in launch_argvs[1:] for a in argv
                                               if a not in launch_argvs[0]))
+        first = _cli_values(launch_argvs[0])
+        later = [_cli_values(argv) for argv in launch_argvs[1:]]
         run.resumed_without = list(dict.fromkeys(
-            a for argv in launch_argvs[1:] for a in launch_argvs[0]
-            if _arg_key(a) is not None and _arg_key(a) not in {_arg_key(b) for b in argv}))
+            f"--{name}={value}" for values in later for name, value in first.items() if name not in values))
 
     if len(precisions) > 1:  # resumed on a machine where precision=auto picked another one
         run.precision = "+".join(precisions)
@@ -228,12 +230,13 @@ def load_run(folder: Path) -> Run:
     return run
 
 
-def _arg_key(arg: str):
-    """`--section.key` of a `--section.key=value` argument; None for anything else (a value of
-    `--config-file FILE`, a bare flag), which is compared whole through resumed_with only."""
-    if not arg.startswith("--") or "=" not in arg:
-        return None
-    return arg.split("=", 1)[0]
+def _cli_values(argv) -> dict:
+    """{'section.key': value} of a launch's arguments, parsed as `train` parses them; {} for an
+    argument list this version cannot parse (a flag it no longer knows)."""
+    try:
+        return parse_cli(argv)[1]
+    except ConfigError:
+        return {}
 
 
 def _train_command(argv) -> str:

@@ -207,6 +207,12 @@ def test_a_resume_that_leaves_out_an_argument_of_the_first_launch_says_so(tmp_pa
     assert ("(resumed with `--lr.lr=0.7`) (resumed without `--training.seed=3`)"
             in report.make_runs_table([run]))
 
+    # parsed as `train` parses them: `--training.seed 3` is the same setting as `--training.seed=3`
+    lines[0]["argv"] = ["--config-file", "fast.yaml", "--training.resume=1", "--training.seed", "3"]
+    (tmp_path / "run" / "log.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    (run,) = report.find_runs([tmp_path])
+    assert run.resumed_without == ["--training.seed=3"]
+
 
 def test_runs_in_other_precisions_are_not_averaged_together(tmp_path):
     for name, precision, top1 in (("b1", "bf16", 0.8), ("b2", "bf16", 0.9), ("f1", "fp32", 0.7)):
