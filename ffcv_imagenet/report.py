@@ -6,7 +6,8 @@ folder, or a folder of run folders), and writes:
 - a Markdown table, one row per group of runs of the same preset on the same hardware in the
   same precision: runs (n), epochs, GPUs/devices and precision, top-1 and top-5 (mean ± std over
   runs), wall-clock to the end (start-up plus training and validation), time to reach each top-1
-  target, mean images/s;
+  target, mean images/s; when a preset's finished runs span several precisions, one more row
+  pools their top-1 and top-5 (the times stay per precision);
 - a second table, one row per run: top-1, start-up (launch to the first step), wall-clock,
   images/s, machine (from env.json) and precision, date and the command: the first launch's (from
   its `start` line; params.json's argv for older logs), plus the arguments that later launches of a
@@ -275,6 +276,28 @@ def _group_key(run: Run):
             "complete" if run.complete else str(run.folder))
 
 
+def _pool_key(run):
+    # bf16 and fp32 runs of a preset follow one recipe: finished runs of a preset on the same
+    # number of devices of one kind are also pooled across precisions, for top-1 and top-5 only.
+    return (run.preset, run.world_size, run.device, run.planned_epochs) if run.complete else None
+
+
+def _pooled_row(members, n_columns) -> list:
+    """The extra row for one preset whose finished runs trained in more than one precision."""
+    first = members[0]
+    counts = {}
+    for run in members:
+        counts[run.precision or "?"] = counts.get(run.precision or "?", 0) + 1
+    precisions = " + ".join(f"{p} ×{n}" for p, n in counts.items())
+    epochs = str(first.planned_epochs if first.planned_epochs is not None else len(first.epochs))
+    cells = [first.preset, str(len(members)), epochs,
+             _devices(first.world_size, first.device, f"all ({precisions})"),
+             _mean_std([r.top1_at_end() for r in members], _pct),
+             _mean_std([r.top5_at_end() for r in members], _pct)]
+    cells += ["—"] * (n_columns - len(cells) - 1)
+    return cells + ["accuracy over every precision; times in the rows per precision"]
+
+
 def _devices(world, device, precision) -> str:
     text = f"{world if world is not None else '?'} × {device}"
     return f"{text}, {precision}" if precision else text
@@ -306,15 +329,24 @@ def _md_row(cells) -> str:
 
 
 def make_table(runs, targets=DEFAULT_TARGETS) -> str:
-    """The Markdown table: one row per group of finished runs, one per cut-short run."""
-    groups = {}
+    """The Markdown table: one row per group of finished runs, one per cut-short run, and after
+    the groups of a preset that trained in several precisions, one row pooling their accuracy."""
+    groups, pools = {}, {}
     for run in runs:
         groups.setdefault(_group_key(run), []).append(run)
+        if _pool_key(run) is not None:
+            pools.setdefault(_pool_key(run), []).append(run)
+    # a pool spanning several groups gets its row after the last of them
+    order = list(groups)
+    pooled_after = {max(keys, key=order.index): pool for pool, keys in
+                    ((pool, {_group_key(r) for r in members}) for pool, members in pools.items())
+                    if len(keys) > 1}
     header = ["preset", "runs", "epochs", "devices", "top-1", "top-5", "wall-clock"]
     header += [f"to {_pct(t).replace('.00', '')}" for t in targets]
     header += ["img/s", "notes"]
     rows = [_md_row(header), "|" + "---|" * len(header)]
-    for (preset, world, device, precision, planned, _), members in groups.items():
+    for key, members in groups.items():
+        preset, world, device, precision, planned, _ = key
         reached = []
         for t in targets:
             times = [r.time_to(t) for r in members]
@@ -335,6 +367,8 @@ def make_table(runs, targets=DEFAULT_TARGETS) -> str:
             _mean_std([r.mean_images_per_s() for r in members], _rate),
             "; ".join(notes) if notes else "",
         ]))
+        if key in pooled_after:
+            rows.append(_md_row(_pooled_row(pools[pooled_after[key]], len(header))))
     return "\n".join(rows) + "\n"
 
 

@@ -226,9 +226,14 @@ def test_runs_in_other_precisions_are_not_averaged_together(tmp_path):
     runs = report.find_runs([tmp_path])
     table = report.make_table(runs, targets=(0.7,))
     rows = [line for line in table.splitlines() if line.startswith("| fast")]
-    assert len(rows) == 2
+    assert len(rows) == 3
     assert "| fast | 2 | 2 | 1 × cpu, bf16 | 85.00% ± 7.07% |" in rows[0]
     assert "| fast | 1 | 2 | 1 × cpu, fp32 | 70.00% |" in rows[1]
+    # and one more row pooling the accuracy of all three, with no times (they differ in speed)
+    pooled = [c.strip() for c in rows[2].strip("|").split("|")]
+    assert pooled[:6] == ["fast", "3", "2", "1 × cpu, all (bf16 ×2 + fp32 ×1)", "80.00% ± 10.00%",
+                          "96.67% ± 5.77%"]
+    assert pooled[6:9] == ["—"] * 3 and "accuracy over every precision" in pooled[-1]
     per_run = report.make_runs_table(runs)
     assert "| 2-core CPU (AMD EPYC, AVX512), bf16 |" in per_run
     assert "| 2-core CPU (AMD EPYC, AVX2), fp32 |" in per_run
@@ -243,7 +248,19 @@ def test_runs_in_other_precisions_are_not_averaged_together(tmp_path):
     (b2,) = [run for run in runs if run.folder.name == "b2"]
     assert b2.precision == "bf16+fp32" and "precision changed between launches: bf16 -> fp32" in b2.problems
     rows = [line for line in report.make_table(runs, targets=(0.7,)).splitlines() if line.startswith("| fast")]
-    assert len(rows) == 3 and any("| fast | 1 | 2 | 1 × cpu, bf16+fp32 | 90.00% |" in row for row in rows)
+    assert len(rows) == 4 and any("| fast | 1 | 2 | 1 × cpu, bf16+fp32 | 90.00% |" in row for row in rows)
+    assert "| fast | 3 | 2 | 1 × cpu, all (bf16 ×1 + bf16+fp32 ×1 + fp32 ×1) | 80.00% ± 10.00% |" in rows[-1]
+
+
+def test_a_preset_in_one_precision_gets_no_pooled_row_nor_does_a_cut_short_run(tmp_path):
+    write_run(tmp_path / "x1", "other", [0.5, 0.6])
+    write_run(tmp_path / "x2", "other", [0.5], epochs_planned=2)
+    params = json.loads((tmp_path / "x2" / "params.json").read_text())
+    params["derived"] = {"precision": "fp32"}
+    (tmp_path / "x2" / "params.json").write_text(json.dumps(params))
+    rows = [line for line in report.make_table(report.find_runs([tmp_path]), targets=(0.7,)).splitlines()
+            if line.startswith("| other")]
+    assert len(rows) == 2 and not any("all (" in row for row in rows)
 
 
 def test_environment_records_the_cpu_model():
