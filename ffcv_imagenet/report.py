@@ -336,11 +336,12 @@ def make_table(runs, targets=DEFAULT_TARGETS) -> str:
         groups.setdefault(_group_key(run), []).append(run)
         if _pool_key(run) is not None:
             pools.setdefault(_pool_key(run), []).append(run)
-    # a pool spanning several groups gets its row after the last of them
     order = list(groups)
-    pooled_after = {max(keys, key=order.index): pool for pool, keys in
-                    ((pool, {_group_key(r) for r in members}) for pool, members in pools.items())
-                    if len(keys) > 1}
+    pooled_after = {}  # a pool that spans several groups gets its row after the last of them
+    for pool, members in pools.items():
+        keys = {_group_key(r) for r in members}
+        if len(keys) > 1:
+            pooled_after[max(keys, key=order.index)] = pool
     header = ["preset", "runs", "epochs", "devices", "top-1", "top-5", "wall-clock"]
     header += [f"to {_pct(t).replace('.00', '')}" for t in targets]
     header += ["img/s", "notes"]
