@@ -29,6 +29,7 @@ import math
 import shlex
 import statistics
 import sys
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -285,11 +286,10 @@ def _pool_key(run):
 def _pooled_row(members, n_columns) -> list:
     """The extra row for one preset whose finished runs trained in more than one precision."""
     first = members[0]
-    counts = {}
-    for run in members:
-        counts[run.precision or "?"] = counts.get(run.precision or "?", 0) + 1
+    counts = Counter(run.precision or "?" for run in members)
     precisions = " + ".join(f"{p} ×{n}" for p, n in counts.items())
-    epochs = str(first.planned_epochs if first.planned_epochs is not None else len(first.epochs))
+    planned = first.planned_epochs  # one value across the pool: it is part of the pool key
+    epochs = str(planned if planned is not None else max(len(r.epochs) for r in members))
     cells = [first.preset, str(len(members)), epochs,
              _devices(first.world_size, first.device, f"all ({precisions})"),
              _mean_std([r.top1_at_end() for r in members], _pct),
