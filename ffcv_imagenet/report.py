@@ -63,7 +63,7 @@ class Run:
     machine: str = "?"
     date: str = "?"
     command: str = "?"
-    resumed_with: list = field(default_factory=list)  # arguments later launches added to the first's
+    resumed_with: list = field(default_factory=list)  # per later launch: what it added to the first's
     resumed_without: list = field(default_factory=list)  # the first's arguments a later launch lacked
 
     @property
@@ -200,8 +200,7 @@ def load_run(folder: Path) -> Run:
 
     if launch_argvs:  # the command that started the run, and what its resumes added
         run.command = _train_command(launch_argvs[0])
-        run.resumed_with = list(dict.fromkeys(a for argv in launch_argvs[1:] for a in argv
-                                              if a not in launch_argvs[0]))
+        run.resumed_with = [[a for a in argv if a not in launch_argvs[0]] for argv in launch_argvs[1:]]
         first = _cli_values(launch_argvs[0])
         later = [_cli_values(argv) for argv in launch_argvs[1:]]
         run.resumed_without = list(dict.fromkeys(
@@ -288,14 +287,17 @@ def _pooled_row(members, n_columns) -> list:
     first = members[0]
     counts = Counter(run.precision or "?" for run in members)
     precisions = " + ".join(f"{p} ×{n}" for p, n in counts.items())
-    planned = first.planned_epochs  # one value across the pool: it is part of the pool key
-    epochs = str(planned if planned is not None else max(len(r.epochs) for r in members))
-    cells = [first.preset, str(len(members)), epochs,
+    cells = [first.preset, str(len(members)), _epochs_cell(first.planned_epochs, members),
              _devices(first.world_size, first.device, f"all ({precisions})"),
              _mean_std([r.top1_at_end() for r in members], _pct),
              _mean_std([r.top5_at_end() for r in members], _pct)]
     cells += ["—"] * (n_columns - len(cells) - 1)
     return cells + ["accuracy over every precision; times in the rows per precision"]
+
+
+def _epochs_cell(planned, members) -> str:
+    """The planned number of epochs; without one (an old log), the most epochs a member logged."""
+    return str(planned if planned is not None else max(len(r.epochs) for r in members))
 
 
 def _devices(world, device, precision) -> str:
@@ -356,11 +358,9 @@ def make_table(runs, targets=DEFAULT_TARGETS) -> str:
             if hit and len(hit) < len(times):
                 cell += f" ({len(hit)}/{len(times)} runs)"
             reached.append(cell)
-        done = [len(r.epochs) for r in members]
-        epochs = str(planned if planned is not None else max(done))
         notes = sorted({p for r in members for p in r.problems})
         rows.append(_md_row([
-            preset, str(len(members)), epochs, _devices(world, device, precision),
+            preset, str(len(members)), _epochs_cell(planned, members), _devices(world, device, precision),
             _mean_std([r.top1_at_end() for r in members], _pct),
             _mean_std([r.top5_at_end() for r in members], _pct),
             _mean_std([r.wallclock_s() for r in members], _minutes),
@@ -388,8 +388,9 @@ def _command_cell(run) -> str:
     if run.command == "?":
         return "?"
     text = f"`{run.command}`"
-    if run.resumed_with:
-        text += f" (resumed with `{shlex.join(run.resumed_with)}`)"
+    if any(run.resumed_with):  # each resumed launch in order: "with `A`, then `B`"
+        added = [f"`{shlex.join(args)}`" if args else "nothing added" for args in run.resumed_with]
+        text += f" (resumed with {', then '.join(added)})"
     if run.resumed_without:
         text += f" (resumed without `{shlex.join(run.resumed_without)}`)"
     return text

@@ -182,13 +182,16 @@ def test_a_resumed_run_shows_its_first_command_and_what_resumes_added(tmp_path):
                      "argv": first + ["--training.stop_after_s=600"]})
     lines.insert(4, {"type": "start", "startup_s": 3.0, "resumed_from_epoch": 1,
                      "argv": first + ["--training.stop_after_s=900"]})
+    lines.insert(5, {"type": "start", "startup_s": 3.0, "resumed_from_epoch": 1, "argv": first})
     (tmp_path / "run" / "log.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
 
     (run,) = report.find_runs([tmp_path])
     assert run.command == "ffcv-imagenet train --config-file fast.yaml --training.resume=1"
-    assert run.resumed_with == ["--training.stop_after_s=600", "--training.stop_after_s=900"]
+    # one entry per resumed launch, in order, so that a repeated flag reads as separate launches
+    assert run.resumed_with == [["--training.stop_after_s=600"], ["--training.stop_after_s=900"], []]
     assert ("`ffcv-imagenet train --config-file fast.yaml --training.resume=1` (resumed with "
-            "`--training.stop_after_s=600 --training.stop_after_s=900`)") in report.make_runs_table([run])
+            "`--training.stop_after_s=600`, then `--training.stop_after_s=900`, then nothing added)"
+            ) in report.make_runs_table([run])
     assert run.resumed_without == []  # a changed value is not a dropped argument
 
 
@@ -202,7 +205,7 @@ def test_a_resume_that_leaves_out_an_argument_of_the_first_launch_says_so(tmp_pa
     (tmp_path / "run" / "log.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
 
     (run,) = report.find_runs([tmp_path])
-    assert run.resumed_with == ["--lr.lr=0.7"]
+    assert run.resumed_with == [["--lr.lr=0.7"]]
     assert run.resumed_without == ["--training.seed=3"]
     assert ("(resumed with `--lr.lr=0.7`) (resumed without `--training.seed=3`)"
             in report.make_runs_table([run]))
