@@ -35,12 +35,12 @@ fi
 # Reinstall when pyproject.toml or the C decoder changed since the last install.
 if [ ! -x "$VENV/bin/python" ] || [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ] \
         || [ ffcv_imagenet/_jpegcrop.c -nt "$STAMP" ]; then
-    echo "[quickstart] creating $VENV and installing ffcv-imagenet[test] (first time: about 2 minutes)"
+    echo "[quickstart] creating $VENV and installing ffcv-imagenet[ffcv,test] (first time: about 2 minutes)"
     [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
     "$VENV/bin/pip" install -q --upgrade pip setuptools wheel
     # ffcv's setup.py imports numpy/pkgconfig-era tooling; build it against the venv's packages.
     "$VENV/bin/pip" install -q numpy "Cython<3.2"
-    "$VENV/bin/pip" install -q --no-build-isolation -e ".[test]"
+    "$VENV/bin/pip" install -q --no-build-isolation -e ".[ffcv,test]"
     touch "$STAMP"
 fi
 

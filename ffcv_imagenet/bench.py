@@ -260,19 +260,22 @@ def dali_available() -> bool:
 # --------------------------------------------------------------------------- training steps
 
 def training_rate(arch, res, batch, seconds, batches=None, log=print, model=None, label="",
-                  precision="auto") -> float:
+                  precision="auto", device=None, timings=None) -> float:
     """Images/s of real training steps (engine's train_one_epoch: SGD, label smoothing, autocast).
     batches=None: one batch already on the device, reused (model-only ceiling). model: use this
     (already built) model instead of a fresh `arch`; label names it in the log line. precision:
-    as training.precision (auto: what training would use here)."""
+    as training.precision (auto: what training would use here). device: where to train (default a
+    GPU when there is one). timings: a dict that receives `first_steps_s`, the seconds of the first
+    two steps (with torch.compile, mostly compilation). cuDNN autotunes, as in training."""
     import torch
 
     from .models import create_model
     from .optim import create_optimizer
     from .train import resolve_precision, train_one_epoch
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     precision = resolve_precision(precision, device)
+    torch.backends.cudnn.benchmark = True
     if model is None:
         model = create_model(arch, num_classes=1000)
     model = model.to(device, memory_format=torch.channels_last)
@@ -311,7 +314,9 @@ def training_rate(arch, res, batch, seconds, batches=None, log=print, model=None
 
     torch.set_num_threads(len(os.sched_getaffinity(0)))  # ffcv's Loader lowers it when iterated
     warm_until = time.perf_counter() + min(seconds, 5.0)
-    run(2)  # warm-up: allocator, oneDNN/cudnn kernel selection, the loader's first batches
+    _, first_s = run(2)  # warm-up: allocator, oneDNN/cudnn kernel selection, the loader's first batches
+    if timings is not None:
+        timings["first_steps_s"] = first_s
     while time.perf_counter() < warm_until:
         run(2)
     images_done, elapsed, steps = 0, 0.0, 2

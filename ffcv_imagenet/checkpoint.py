@@ -41,7 +41,19 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        restore_cuda_rng(state["cuda"])
+
+
+def restore_cuda_rng(states: list) -> int:
+    """Set the RNG of each GPU this machine has from the saved list, one state per GPU of the
+    machine that saved it; returns how many were set. A checkpoint of an 8-GPU node resumed on 1
+    GPU sets GPU 0 only (torch's set_rng_state_all would raise IndexError on GPU 1); GPUs beyond
+    the saved ones keep their state. Either way the engine reseeds every epoch from (seed, epoch),
+    so these states are a record, not what makes resume exact."""
+    count = min(len(states), torch.cuda.device_count())
+    for index in range(count):
+        torch.cuda.set_rng_state(states[index], index)
+    return count
 
 
 def save_checkpoint(path, checkpoint: dict) -> None:

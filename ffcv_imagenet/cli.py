@@ -11,6 +11,8 @@ SUBCOMMANDS = {
     "report": ("ffcv_imagenet.report", "time-to-accuracy tables and plots from run folders"),
     "bench": ("ffcv_imagenet.bench", "loader/writer/training throughput vs stock ffcv, torchvision, DALI"),
     "demo": ("ffcv_imagenet.demo", "generate a small real-JPEG dataset, write, train, report"),
+    "check": ("ffcv_imagenet.check", "is this machine ready (versions, decoders, every precision, "
+              "speed), and what a preset will cost here"),
 }
 
 

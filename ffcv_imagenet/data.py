@@ -35,9 +35,11 @@ from ._ffcv import preload  # isort: skip
 
 preload()  # before any ffcv import: saves 2-3 s of start-up (see _ffcv.py)
 
+import ffcv.loader.loader
 from ffcv.fields.basics import IntDecoder
 from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder
 from ffcv.loader import Loader, OrderOption
+from ffcv.loader.epoch_iterator import EpochIterator
 from ffcv.pipeline.compiler import Compiler
 from ffcv.pipeline.operation import Operation
 from ffcv.transforms import ToDevice, ToTensor, ToTorchImage
@@ -95,6 +97,33 @@ class _OrderFactory(TraversalOrder):
 
     def sample_order(self, epoch):  # pragma: no cover - never used on the factory
         raise NotImplementedError
+
+
+# --------------------------------------------------------------------------- the loader thread
+
+class DeviceEpochIterator(EpochIterator):
+    """ffcv's epoch thread, first made current on its loader's GPU (`loader.thread_device`).
+
+    A new thread starts on GPU 0: ffcv's thread enters `torch.cuda.stream(slot stream)` for each
+    batch, and torch's stream context looks up (and so creates) the current device's context, so
+    every rank of an 8-GPU node grew a context on GPU 0 (libffcv/ffcv#356: GPU 0's memory taken
+    by seven other processes in nvidia-smi). Loaders without `thread_device` (stock ffcv in
+    bench) run as before."""
+
+    def run(self):
+        device = getattr(self.loader, "thread_device", None)
+        if device is not None and device.type == "cuda":
+            torch.cuda.set_device(device)
+        super().run()
+
+
+# ffcv's Loader.__iter__ builds its EpochIterator by this module-level name
+ffcv.loader.loader.EpochIterator = DeviceEpochIterator
+
+
+def _on_device(loader: Loader, device) -> Loader:
+    loader.thread_device = torch.device(device)
+    return loader
 
 
 # --------------------------------------------------------------------------- decoders
@@ -330,12 +359,12 @@ def create_train_loader(path, *, batch_size: int, resolution_px: int, num_worker
     torch_threads = torch_threads or torch.get_num_threads()
     decoder = decoder_factory(resolution_px, scale, ratio, seed=seed, deterministic=deterministic,
                               kind=decoder)
-    loader = Loader(
+    loader = _on_device(Loader(
         path, batch_size=batch_size, num_workers=num_workers, os_cache=in_memory,
         order=_OrderFactory(quasi_random=(order == "quasi_random"), rank=rank, world_size=world_size),
         seed=seed, drop_last=True,
         pipelines={"image": _image_pipeline(decoder, device, flip=True), "label": _label_pipeline(device)},
-    )
+    ), device)
     torch.set_num_threads(torch_threads)
     return TrainLoader(loader, decoder, n, torch_threads)
 
@@ -351,11 +380,11 @@ def create_val_loader(path, *, batch_size: int, resolution_px: int, num_workers:
         raise _no_batch_error("val", path, n, batch_size, world_size, False)
     torch_threads = torch_threads or torch.get_num_threads()
     decoder = CenterCropRGBImageDecoder((resolution_px, resolution_px), ratio=crop_ratio)
-    loader = Loader(
+    loader = _on_device(Loader(
         path, batch_size=batch_size, num_workers=num_workers, os_cache=in_memory,
         order=OrderOption.SEQUENTIAL, indices=shard, drop_last=False,
         pipelines={"image": _image_pipeline(decoder, device, flip=False), "label": _label_pipeline(device)},
-    )
+    ), device)
     torch.set_num_threads(torch_threads)
     return ValLoader(loader, len(shard), torch_threads)
 
@@ -364,25 +393,46 @@ def create_val_loader(path, *, batch_size: int, resolution_px: int, num_workers:
 
 def prepare_batch(images: torch.Tensor, *, dtype: torch.dtype, color_jitter: float = 0.0,
                   pca_lighting: float = 0.0, generator=None) -> torch.Tensor:
-    """uint8 NCHW (channels-last) -> normalised `dtype` channels-last; augments when asked."""
+    """uint8 NCHW (channels-last) -> normalised `dtype` channels-last; augments when asked.
+
+    Nothing here waits on the host: the constants live on the device (`device_constants`), and
+    the augmentations draw on the device from `generator`."""
     if color_jitter > 0 or pca_lighting > 0:
         x = images.float()
         if color_jitter > 0:
             x = color_jitter_(x, color_jitter, generator)
         if pca_lighting > 0:
             x = pca_lighting_(x, pca_lighting, generator)
-        x = x.to(dtype)
     else:
-        x = images.to(dtype)
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device, dtype=dtype).view(1, 3, 1, 1) * 255
-    std = torch.tensor(IMAGENET_STD, device=x.device, dtype=dtype).view(1, 3, 1, 1) * 255
-    x = (x - mean) / std
+        x = images  # uint8: addcmul promotes it to fp32
+    consts = device_constants(x.device)
+    # (x - mean) / std as one multiply-add in fp32 (the constants' dtype), then `dtype`
+    x = torch.addcmul(consts["shift"], x, consts["scale"]).to(dtype)
     return x.contiguous(memory_format=torch.channels_last)
 
 
+_CONSTANTS = {}
+
+
+def device_constants(device) -> dict:
+    """fp32 tensors on `device`, built once per device: `torch.tensor(list, device=cuda)` is a
+    blocking host-to-device copy, which per batch would make every step wait on the host.
+    scale = 1 / (255 std), shift = -mean / std (per channel, [1, 3, 1, 1]); PCA eigval, eigvec."""
+    device = torch.device(device)
+    if device not in _CONSTANTS:
+        mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float64)
+        std = torch.tensor(IMAGENET_STD, dtype=torch.float64)
+        host = {"scale": (1 / (255 * std)).view(1, 3, 1, 1), "shift": (-mean / std).view(1, 3, 1, 1),
+                "eigval": torch.tensor(PCA_EIGVAL, dtype=torch.float64),
+                "eigvec": torch.tensor(PCA_EIGVEC, dtype=torch.float64)}
+        _CONSTANTS[device] = {k: v.to(device=device, dtype=torch.float32) for k, v in host.items()}
+    return _CONSTANTS[device]
+
+
 def _uniform(n, low, high, x, generator):
-    u = torch.rand(n, 1, 1, 1, generator=generator, device=generator.device if generator else "cpu")
-    return (low + (high - low) * u).to(x.device)
+    """[n, 1, 1, 1] draws of U[low, high] on x's device (from `generator`, which lives there)."""
+    u = torch.rand(n, 1, 1, 1, generator=generator, device=x.device)
+    return low + (high - low) * u
 
 
 def _gray(x):
@@ -405,9 +455,7 @@ def color_jitter_(x: torch.Tensor, strength: float, generator=None) -> torch.Ten
 def pca_lighting_(x: torch.Tensor, std: float, generator=None) -> torch.Tensor:
     """AlexNet lighting noise: add eigvec @ (alpha * eigval), alpha ~ N(0, std), per image."""
     n = x.shape[0]
-    alpha = torch.randn(n, 3, generator=generator, device=generator.device if generator else "cpu") * std
-    alpha = alpha.to(x.device)
-    eigval = torch.tensor(PCA_EIGVAL, device=x.device)
-    eigvec = torch.tensor(PCA_EIGVEC, device=x.device)
-    rgb = (alpha * eigval) @ eigvec.T * 255  # [n, 3]
+    alpha = torch.randn(n, 3, generator=generator, device=x.device) * std
+    consts = device_constants(x.device)
+    rgb = (alpha * consts["eigval"]) @ consts["eigvec"].T * 255  # [n, 3]
     return (x + rgb.view(n, 3, 1, 1)).clamp(0, 255)

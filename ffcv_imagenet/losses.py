@@ -6,7 +6,8 @@ Contract
   indices (integer tensor [N]) or soft targets (float [N, C], rows summing to 1, e.g. from
   mixup). Smoothing turns a target row t into t·(1-ε) + ε/C in both cases, which for indices is
   `torch.nn.CrossEntropyLoss(label_smoothing=ε)`. Computed in float32 whatever the logits' dtype.
-- `mixup(images, targets, alpha=α, num_classes=C, generator=g)`: λ ~ Beta(α, α), a random
+- `mixup(images, targets, alpha=α, num_classes=C, generator=g)`: λ ~ Beta(α, α) (drawn and
+  kept on the device), a random
   permutation π of the batch; returns
   (λ·x + (1-λ)·x[π], λ·onehot(y) + (1-λ)·onehot(y[π])).
   With α <= 0 the images are returned unchanged with one-hot targets. All randomness comes from
@@ -57,13 +58,13 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor,
     return -(soft * log_probs).sum(dim=1).mean()
 
 
-def sample_beta(alpha: float, generator: torch.Generator = None) -> float:
-    """One draw from Beta(alpha, alpha), seeded from `generator` (or torch's global RNG)."""
-    import numpy as np
-
+def sample_beta(alpha: float, generator: torch.Generator = None) -> torch.Tensor:
+    """One draw from Beta(alpha, alpha) as a 0-d float32 tensor on the generator's device (the
+    first part of a two-part Dirichlet), seeded from `generator` (or torch's global RNG). It stays
+    on the device: reading it on the host would make every mixup step wait for the GPU."""
     device = generator.device if generator is not None else "cpu"
-    seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=device).item())
-    return float(np.random.default_rng(seed).beta(alpha, alpha))
+    concentration = torch.full((2,), float(alpha), dtype=torch.float32, device=device)
+    return torch._sample_dirichlet(concentration, generator=generator)[0]
 
 
 def mixup(images: torch.Tensor, targets: torch.Tensor, *, alpha: float, num_classes: int,
@@ -77,9 +78,9 @@ def mixup(images: torch.Tensor, targets: torch.Tensor, *, alpha: float, num_clas
     lam = sample_beta(alpha, generator)
     device = generator.device if generator is not None else "cpu"
     perm = torch.randperm(images.shape[0], generator=generator, device=device)
-    perm = perm.to(images.device)
-    mixed_images = images * lam + images[perm] * (1.0 - lam)
-    mixed_targets = soft * lam + soft[perm.to(soft.device)] * (1.0 - lam)
+    perm, lam = perm.to(images.device), lam.to(images.device)
+    mixed_images = torch.lerp(images[perm], images, lam.to(images.dtype))
+    mixed_targets = torch.lerp(soft[perm.to(soft.device)], soft, lam.to(soft.device))
     return mixed_images, mixed_targets
 
 

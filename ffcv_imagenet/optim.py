@@ -223,12 +223,33 @@ class WeightEMA:
         for e, m in self._others:
             e.copy_(m)
 
+    @torch.no_grad()
+    def broadcast(self, src: int = 0) -> None:
+        """Make every process's average rank `src`'s. Each process averages its own model, whose
+        BatchNorm running statistics come from its own micro-batches (DDP broadcasts the model's
+        buffers from rank 0 only at the next forward), so the averages drift apart per rank; call
+        before evaluating, which every rank does on its part of the val set. No-op in one process."""
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            for tensor in self._tensors(self.module):
+                dist.broadcast(tensor, src=src)
+
     def state_dict(self) -> dict:
         return {"decay": self.decay, "updates": self.updates, "module": self.module.state_dict()}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.updates = int(state_dict["updates"])
         self.module.load_state_dict(state_dict["module"])
+
+
+def kernel_options(model: torch.nn.Module) -> dict:
+    """`fused=True` for parameters on CUDA (one kernel per step; and GradScaler hands a fused
+    optimizer its inf check as a tensor, where with `foreach` it reads `found_inf.item()`, a host
+    sync every step), else `foreach=True` (the CPU, where fused kernels are not in every release
+    the project admits)."""
+    on_cuda = any(p.is_cuda for p in model.parameters())
+    return {"fused": True} if on_cuda else {"foreach": True}
 
 
 def create_optimizer(model: torch.nn.Module, *, name: str = "sgd", lr: float,
@@ -252,15 +273,16 @@ def create_optimizer(model: torch.nn.Module, *, name: str = "sgd", lr: float,
     if lookahead_steps < 0:
         raise ValueError(f"lookahead_steps must be >= 0, got {lookahead_steps}")
     groups = param_groups(model, weight_decay)
+    kernels = kernel_options(model)
     if name == "sgd":
         if nesterov and momentum <= 0:
             raise ValueError(f"nesterov needs momentum > 0, got momentum={momentum}")
         opt = torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov,
-                              weight_decay=weight_decay, foreach=True)
+                              weight_decay=weight_decay, **kernels)
     elif name == "adamw":
         opt = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=1e-8 if eps is None else eps,
-                                weight_decay=weight_decay, foreach=True)
-    elif name == "radam":
+                                weight_decay=weight_decay, **kernels)
+    elif name == "radam":  # no fused RAdam in torch: foreach (fp16 then reads found_inf per step)
         opt = torch.optim.RAdam(groups, lr=lr, betas=betas, eps=1e-8 if eps is None else eps,
                                 weight_decay=weight_decay, decoupled_weight_decay=True, foreach=True)
     else:
