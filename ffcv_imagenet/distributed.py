@@ -68,20 +68,30 @@ def setup(device: str = "auto", timeout_s: float = 600.0, cpu_threads: int = 0) 
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if use_cuda and not torch.cuda.is_available():
         raise RuntimeError("training.device=cuda but torch sees no CUDA device")
+    backend = choose_backend(use_cuda, local_world_size)
     if use_cuda:
-        torch.cuda.set_device(local_rank)
-        dev = torch.device("cuda", local_rank)
+        dev = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(dev)
     else:
         dev = torch.device("cpu")
         set_cpu_threads(local_world_size, cpu_threads)
 
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(
-            backend="nccl" if use_cuda else "gloo",
+            backend=backend,
             timeout=datetime.timedelta(seconds=timeout_s),
-            device_id=dev if use_cuda else None,
+            device_id=dev if backend == "nccl" else None,
         )
     return DistInfo(rank, world_size, local_rank, local_world_size, dev)
+
+
+def choose_backend(use_cuda: bool, local_world_size: int) -> str:
+    """NCCL for one process per GPU; gloo on the CPU, and on GPUs shared by several processes of
+    a node (NCCL refuses two ranks on one GPU; sharing is for tests and debugging on a 1-GPU
+    machine), where rank r takes GPU r mod the GPU count."""
+    if use_cuda and local_world_size <= torch.cuda.device_count():
+        return "nccl"
+    return "gloo"
 
 
 def set_cpu_threads(local_world_size: int, threads: int = 0) -> int:

@@ -281,10 +281,10 @@ def train_one_epoch(model, batches, optimizer, scaler, *, epoch: int, steps_per_
                 on_step(step + 1)
     if bar is not None:
         bar.close()
-    totals = torch.tensor([loss_sum.item(), images_seen], dtype=torch.float64, device=device)
-    distributed.all_reduce_sum(totals)
-    return {"train_loss": totals[0].item() / max(1.0, totals[1].item()),
-            "images": int(totals[1].item()), "lr": lr}
+    # the epoch's one host read: loss and image count summed over processes, on the device
+    totals = torch.stack([loss_sum, torch.full((), images_seen, dtype=torch.float64, device=device)])
+    loss_total, images = distributed.all_reduce_sum(totals).tolist()
+    return {"train_loss": loss_total / max(1.0, images), "images": int(images), "lr": lr}
 
 
 @torch.no_grad()

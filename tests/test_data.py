@@ -240,3 +240,67 @@ def test_random_flip_draws_and_mirrors_as_ffcvs_flip_in_place(monkeypatch):
     same = [bool((got[i] == images[i]).all()) for i in range(16)]
     assert all(m != s for m, s in zip(mirrored, same))  # each image is one or the other
     assert 3 <= sum(mirrored) <= 13
+
+
+def test_the_loader_thread_runs_on_its_loaders_gpu(betons, monkeypatch):
+    """ffcv's epoch thread is made current on the loader's GPU before its first stream switch
+    (else every rank makes a context on GPU 0, libffcv/ffcv#356): the thread, not the main one,
+    calls set_device with the loader's device."""
+    import threading
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(
+        (device, threading.current_thread() is threading.main_thread())))
+    train, _ = betons
+    loader = create_train_loader(train, batch_size=16, resolution_px=16, num_workers=1, device=CPU)
+    assert loader.loader.thread_device == CPU
+    for _ in loader:  # a CPU loader: nothing to set
+        pass
+    assert calls == []
+    loader.loader.thread_device = torch.device("cuda", 1)  # as a rank-1 loader holds it
+    for _ in loader:
+        pass
+    assert calls == [(torch.device("cuda", 1), False)]
+
+
+def _batches_bytes(loader, epochs_and_resolutions, stall=False):
+    out = []
+    for epoch, res in epochs_and_resolutions:
+        loader.set_epoch(epoch)
+        loader.set_resolution(res)
+        for images, labels in loader:
+            if stall:  # the compute stream busy while the loader thread fills the next slots
+                torch.cuda._sleep(20_000_000)
+            out.append((images.cpu().clone(), labels.cpu().clone()))
+    return out
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_loader_batches_equal_the_cpu_loaders_while_the_gpu_is_busy(betons):
+    train, _ = betons
+    schedule = [(0, 24), (1, 32)]  # a resolution change between epochs
+    made = [create_train_loader(train, batch_size=16, resolution_px=24, num_workers=1, device=device,
+                                deterministic=True, seed=3) for device in (CPU, torch.device("cuda", 0))]
+    on_cpu = _batches_bytes(made[0], schedule)
+    on_gpu = _batches_bytes(made[1], schedule, stall=True)
+    assert len(on_cpu) == len(on_gpu) > 0
+    for (a, la), (b, lb) in zip(on_cpu, on_gpu):
+        assert torch.equal(a, b) and torch.equal(la, lb)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_prepare_batch_on_cuda_never_syncs():
+    device = torch.device("cuda", 0)
+    images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, device=device)
+    images = images.contiguous(memory_format=torch.channels_last)
+    generator = torch.Generator(device=device).manual_seed(0)
+    prepare_batch(images, dtype=torch.bfloat16)  # the per-device constants, built once
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for dtype in (torch.float16, torch.bfloat16):
+            x = prepare_batch(images, dtype=dtype, color_jitter=0.4, pca_lighting=0.1, generator=generator)
+            assert x.dtype == dtype and x.is_contiguous(memory_format=torch.channels_last)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)

@@ -42,3 +42,13 @@ def test_cuda_requested_without_a_gpu_is_an_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(RuntimeError, match="training.device=cuda"):
         distributed.setup("cuda")
+
+
+def test_backend_is_nccl_for_one_process_per_gpu_else_gloo(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    assert distributed.choose_backend(True, 8) == "nccl"
+    assert distributed.choose_backend(True, 1) == "nccl"
+    assert distributed.choose_backend(True, 16) == "gloo"  # GPUs shared by processes
+    assert distributed.choose_backend(False, 1) == "gloo"
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert distributed.choose_backend(True, 2) == "gloo"

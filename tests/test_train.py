@@ -142,6 +142,9 @@ def test_auto_precision_is_bf16_only_on_a_cpu_that_runs_it_natively(monkeypatch,
     assert train.resolve_precision("bf16", cpu) == "bf16" and capsys.readouterr().err == ""
     monkeypatch.setattr(distributed, "cpu_has_fast_bf16", lambda: False)
     assert train.resolve_precision("auto", cpu) == "fp32"
+    monkeypatch.setattr(train, "cuda_has_fast_bf16", lambda device: True)   # Ampere and later
+    assert train.resolve_precision("auto", cuda) == "bf16"
+    monkeypatch.setattr(train, "cuda_has_fast_bf16", lambda device: False)  # Volta, Turing
     assert train.resolve_precision("auto", cuda) == "fp16"
     assert train.resolve_precision("bf16", cpu) == "bf16"  # asked for: kept, with a warning
     assert "no native bf16" in capsys.readouterr().err
@@ -196,6 +199,56 @@ def test_mixup_distillation_and_jitter_run_in_the_loop():
         generator=torch.Generator().manual_seed(0))
     assert torch.isfinite(torch.tensor(stats["train_loss"])) and stats["images"] == 8
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+class HostReads(torch.overrides.TorchFunctionMode):
+    """Counts, by name, what in a training step would make the host wait for a GPU: a tensor read
+    into Python (item, tolist, bool/float/int/index, numpy) and a tensor built from Python data
+    (torch.tensor / as_tensor: a blocking copy when the target is a GPU)."""
+
+    NAMES = {"item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy", "tensor",
+             "as_tensor"}
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in self.NAMES:
+            self.calls.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def host_reads(steps: int, accum: int = 1) -> list:
+    """Host reads of one train_one_epoch of `steps` steps with every on-device feature on: label
+    smoothing, mixup, colour jitter, PCA lighting, an EMA, accumulation."""
+    from ffcv_imagenet.optim import WeightEMA, create_optimizer
+
+    g = torch.Generator().manual_seed(3)
+    batches = [(torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8, generator=g),
+                torch.randint(0, 5, (4,), generator=g)) for _ in range(steps * accum)]
+    model = small_net()
+    optimizer = create_optimizer(model, name="sgd", lr=0.1, momentum=0.9, nesterov=True)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    ema = WeightEMA(model, 0.9)
+    with HostReads() as reads:
+        train.train_one_epoch(model, batches, optimizer, scaler, epoch=0, steps_per_epoch=steps,
+                              accum_steps=accum, lr_fn=lambda e: 0.1, device=torch.device("cpu"),
+                              precision="fp32", label_smoothing=0.1, mixup_alpha=0.2, num_classes=5,
+                              color_jitter=0.4, pca_lighting=0.1, ema=ema,
+                              generator=torch.Generator().manual_seed(0))
+    return reads.calls
+
+
+def test_the_training_step_never_reads_the_device_from_the_host():
+    """No host-device sync per step: the loop reads the loss once, at the end of the epoch, so an
+    epoch of 7 steps makes as many host reads as one of 2 (a per-step `.item()`, `float(loss)`,
+    `if loss > x`, or a `torch.tensor(...)` per batch would add one per step)."""
+    host_reads(1)  # builds the per-device constants once, as the first step of a run does
+    short, long = host_reads(2), host_reads(7, accum=2)
+    assert short == long, (short, long)
+    assert short == ["tolist"]  # the end-of-epoch totals, read once
 
 
 class PixelLogits(torch.nn.Module):
@@ -534,11 +587,126 @@ def test_a_failing_rank_ends_the_job_instead_of_hanging(betons, tmp_path):
 def test_cuda_fp16_run(betons, tmp_path):
     folder = tmp_path / "cuda"
     argv = run_args(*betons, folder, "--training.device=cuda", "--training.deterministic=0",
-                    "--training.epochs=1", "--validation.batch_size=6")
+                    "--training.epochs=1", "--validation.batch_size=6", "--training.precision=fp16")
     assert train.main(argv, launched_at=time.time()) == 0
     assert json.loads((folder / "params.json").read_text())["derived"]["precision"] == "fp16"
     (epoch,) = records(folder, "epoch")
     assert epoch["val_count"] == VAL_IMAGES and epoch["train_loss"] == epoch["train_loss"]  # not NaN
+
+
+def test_deterministic_on_cuda_only_warns_for_kernels_without_a_deterministic_version(capsys):
+    """AdaptiveAvgPool2d's CUDA backward has no deterministic version and would raise under
+    use_deterministic_algorithms(True): on CUDA the run warns instead (and says so at start)."""
+    try:
+        train.configure_determinism(True, torch.device("cuda"))
+        assert torch.are_deterministic_algorithms_enabled()
+        assert torch.is_deterministic_algorithms_warn_only_enabled()
+        assert "not bitwise reproducible" in capsys.readouterr().err
+        train.configure_determinism(True, torch.device("cpu"))  # the CPU stays strict
+        assert not torch.is_deterministic_algorithms_warn_only_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+def test_ddp_options_keep_static_graph_away_from_accumulation_and_compile():
+    assert train.ddp_options(compile_model=False, accum_steps=1) == {
+        "gradient_as_bucket_view": True, "static_graph": True}
+    assert not train.ddp_options(compile_model=False, accum_steps=2)["static_graph"]
+    assert not train.ddp_options(compile_model=True, accum_steps=1)["static_graph"]
+
+
+def cuda_batches(n, *, sync_mode_after_first=None):
+    """n (uint8 channels-last, label) batches on GPU 0; with `sync_mode_after_first`, the CUDA
+    sync debug mode is set to it once the first step (lazy state creation) is done, and put
+    back before the loop's end-of-epoch read."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for k in range(n):
+        images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, device="cuda", generator=g)
+        labels = torch.randint(0, 10, (8,), device="cuda", generator=g)
+        if k == 1 and sync_mode_after_first:
+            torch.cuda.set_sync_debug_mode(sync_mode_after_first)
+        yield images.contiguous(memory_format=torch.channels_last), labels
+    torch.cuda.set_sync_debug_mode(0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_cuda_training_steps_never_sync(precision):
+    """fp16 + GradScaler with the fused optimizer, bf16 without a scaler: steps 2-6 (mixup,
+    jitter, lighting, EMA, accumulation) raise under set_sync_debug_mode('error') if anything in
+    them waits on the host."""
+    from ffcv_imagenet.models import create_model
+    from ffcv_imagenet.optim import WeightEMA, create_optimizer
+
+    device = torch.device("cuda", 0)
+    model = create_model("resnet18", num_classes=10).to(device, memory_format=torch.channels_last)
+    optimizer = create_optimizer(model, name="sgd", lr=0.1, momentum=0.9, nesterov=True)
+    scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
+    stats = train.train_one_epoch(
+        model, cuda_batches(12, sync_mode_after_first="error"), optimizer, scaler, epoch=0,
+        steps_per_epoch=6, accum_steps=2, lr_fn=lambda e: 0.1, device=device, precision=precision,
+        label_smoothing=0.1, mixup_alpha=0.2, num_classes=10, color_jitter=0.4, pca_lighting=0.1,
+        generator=torch.Generator(device=device).manual_seed(0), ema=WeightEMA(model, 0.9))
+    assert stats["images"] == 96 and stats["train_loss"] == stats["train_loss"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_deterministic_run_on_cuda_trains(betons, tmp_path):
+    folder = tmp_path / "cuda_deterministic"
+    argv = run_args(*betons, folder, "--training.device=cuda", "--training.deterministic=1",
+                    "--training.epochs=1", "--validation.batch_size=6")
+    assert train.main(argv, launched_at=time.time()) == 0
+    (epoch,) = records(folder, "epoch")
+    assert epoch["val_count"] == VAL_IMAGES and epoch["train_loss"] == epoch["train_loss"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_compiled_ddp_with_accumulation_equals_eager_after_two_steps(tmp_path):
+    import torch.distributed as dist
+
+    from ffcv_imagenet.optim import create_optimizer
+
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        finals = []
+        for compiled in (False, True):
+            net = small_net().to("cuda", memory_format=torch.channels_last)
+            ddp = torch.nn.parallel.DistributedDataParallel(
+                net, device_ids=[0], **train.ddp_options(compile_model=compiled, accum_steps=2))
+            model = torch.compile(ddp) if compiled else ddp
+            optimizer = create_optimizer(net, name="sgd", lr=0.1, momentum=0.9)
+            scaler = torch.amp.GradScaler("cuda", enabled=False)
+            train.train_one_epoch(model, cuda_batches(4), optimizer, scaler, epoch=0, steps_per_epoch=2,
+                                  accum_steps=2, lr_fn=lambda e: 0.1, device=torch.device("cuda", 0),
+                                  precision="fp32")
+            finals.append([p.detach().clone() for p in net.parameters()])
+        for eager, comp in zip(*finals):
+            torch.testing.assert_close(comp, eager, rtol=1e-4, atol=1e-5)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_two_ranks_share_one_gpu_with_gloo_syncbn_ema_accumulation_and_resume(betons, tmp_path):
+    """More processes than GPUs: gloo, rank r on GPU r mod count; SyncBN, EMA, accumulation;
+    a second launch resumes the run to its third epoch."""
+    folder = tmp_path / "shared_gpu"
+    argv = run_args(*betons, folder, "--training.device=cuda", "--training.deterministic=0",
+                    "--training.global_batch_size=32", "--training.sync_bn=1", "--training.ema_decay=0.9",
+                    "--validation.batch_size=6")
+    first = torchrun_2([*argv, "--training.stop_after_s=0.001"])  # stops after epoch 1
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = torchrun_2([*argv, "--training.resume=1"])
+    assert second.returncode == 0, second.stderr[-3000:]
+    epochs = records(folder, "epoch")
+    assert [r["epoch"] for r in epochs] == list(range(EPOCHS))
+    assert all(r["val_count"] in (None, VAL_IMAGES) for r in epochs)
+    assert records(folder, "summary")[-1]["top_1"] is not None
 
 
 # --------------------------------------------------------------------------- refusals
