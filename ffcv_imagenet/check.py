@@ -607,7 +607,9 @@ def parse_args(argv):
     p.add_argument("--quick", action="store_true",
                    help="160 px only, eager only, short timings, small data (under 2 minutes on a 2-core CPU)")
     p.add_argument("--out", default="check_out", help="folder for check.json, check.md and the "
-                   "check's data (default %(default)s)")
+                   "--data run's logs (default %(default)s)")
+    p.add_argument("--workdir", type=Path, default=None, help="keep the generated images and .beton "
+                   "files here (default: a temporary folder, removed at the end)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                    help="auto: the CPU and, when visible, CUDA (speed on the fastest); cpu or cuda: that one")
     p.add_argument("--data", type=Path, default=None, help="ImageFolder with train/ and val/ (e.g. "
@@ -669,11 +671,23 @@ def _cores() -> int:
 
 def run(args, log=print) -> dict:
     """Every step in order; the result as written to check.json."""
-    import torch
+    import shutil
+    import tempfile
 
     out = Path(args.out)
-    workdir = out / "data"
+    out.mkdir(parents=True, exist_ok=True)
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="ffcv_imagenet_check_"))
     workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        return run_steps(args, out, workdir, log)
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def run_steps(args, out: Path, workdir: Path, log) -> dict:
+    import torch
+
     steps = Steps(log)
     result = {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "command": "ffcv-imagenet check " + " ".join(args.argv),
               "quick": args.quick}

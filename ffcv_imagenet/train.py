@@ -322,6 +322,20 @@ def evaluate(model, batches, *, device, precision: str, lr_tta: bool = True, pro
 
 # --------------------------------------------------------------------------- the run
 
+def _step_hook(epoch: int, on_start, compiled: bool):
+    """What runs after each optimizer step: with torch.compile, `on_start` (idempotent) after the
+    first one, so that compilation, which happens in the first step, counts as start-up and not
+    as training time; and the test hook's kill."""
+    kill = _kill_hook(epoch)
+
+    def hook(step):
+        if compiled:
+            on_start()
+        if kill is not None:
+            kill(step)
+    return hook
+
+
 def _kill_hook(epoch: int):
     """The test hook's callback for this epoch, or None."""
     spec = os.environ.get(KILL_ENV)
@@ -537,7 +551,8 @@ def fit(cfg: dict, *, launched_at: float = None) -> dict:
                 distill_temperature=train_cfg["distill_temperature"],
                 distill_weight=train_cfg["distill_weight"], color_jitter=aug_cfg["color_jitter"],
                 pca_lighting=aug_cfg["pca_lighting"], generator=generator, progress=progress,
-                on_first_batch=on_first_batch, on_step=_kill_hook(epoch), ema=ema)
+                on_first_batch=None if train_cfg["compile"] else on_first_batch,
+                on_step=_step_hook(epoch, on_first_batch, train_cfg["compile"]), ema=ema)
             train_s = time.time() - epoch_start
             last = epoch == epochs - 1
             val = None

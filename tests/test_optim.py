@@ -276,3 +276,40 @@ def test_multi_tensor_path_is_used_and_matches_the_per_tensor_loop(name):
     for a, b in zip(*(m.parameters() for m in models)):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     assert not torch.equal(next(models[0].parameters()), next(base.parameters()))   # they moved
+
+
+def _ema_rank(rank: int, store: str, results):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+        ema = WeightEMA(model, decay=0.5)
+        model[1].running_mean.fill_(float(rank + 1))  # each rank's own batches
+        ema.update()
+        ema.broadcast(src=0)
+        results[rank] = [t.clone() for t in ema.module.state_dict().values()]
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ema_broadcast_makes_every_rank_hold_rank_zeros_average(tmp_path):
+    """The average's BatchNorm statistics come from each rank's own micro-batches; before
+    evaluation every rank takes rank 0's."""
+    import torch.multiprocessing as mp
+
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_ema_rank, args=(str(tmp_path / "store"), results), nprocs=2)
+        zero, one = results[0], results[1]
+    assert all(torch.equal(a, b) for a, b in zip(zero, one))
+    # running_mean (entry 4): rank 0's 1.0 averaged in with weight 1 - min(0.5, 2/11); rank 1's
+    # own would be twice that
+    torch.testing.assert_close(zero[4], torch.full((4,), 9 / 11))
+
+
+def test_cpu_parameters_get_foreach_kernels():
+    from ffcv_imagenet.optim import kernel_options
+
+    assert kernel_options(torch.nn.Linear(2, 2)) == {"foreach": True}

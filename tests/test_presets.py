@@ -118,7 +118,7 @@ def test_he2016_preset():
     assert plan["peak_lr"] == pytest.approx(0.1)
     assert t["nesterov"] and t["momentum"] == 0.9 and t["weight_decay"] == 1e-4 and t["epochs"] == 90
     assert t["label_smoothing"] == 0.1 and cfg["model"]["zero_init_residual"]
-    assert train.resolve_precision(t["precision"], torch.device("cuda")) == "fp16"
+    assert t["precision"] == "auto"  # mixed precision on a GPU: bf16 where native, else fp16
     assert cfg["resolution"]["min_res"] == cfg["resolution"]["max_res"] == 224
     assert cfg["validation"]["resolution"] == 224 and not cfg["validation"]["lr_tta"]
 

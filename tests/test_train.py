@@ -608,6 +608,16 @@ def test_deterministic_on_cuda_only_warns_for_kernels_without_a_deterministic_ve
         torch.use_deterministic_algorithms(False)
 
 
+def test_with_compile_start_up_ends_after_the_first_step(monkeypatch):
+    """torch.compile compiles in the first step: with it, the start-up callback runs after that
+    step (compilation counts as start-up); the kill hook still runs."""
+    started, killed = [], []
+    monkeypatch.setattr(train, "_kill_hook", lambda epoch: killed.append)
+    train._step_hook(0, lambda: started.append(1), compiled=True)(1)
+    train._step_hook(0, lambda: started.append(2), compiled=False)(1)
+    assert started == [1] and killed == [1, 1]
+
+
 def test_ddp_options_keep_static_graph_away_from_accumulation_and_compile():
     assert train.ddp_options(compile_model=False, accum_steps=1) == {
         "gradient_as_bucket_view": True, "static_graph": True}
