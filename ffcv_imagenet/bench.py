@@ -158,6 +158,14 @@ class Pass:
         self.seconds += time.perf_counter() - start
         self.images += n
 
+    def close(self):
+        """Drop the loader, so that a DataLoader's persistent worker processes end now rather than
+        at some later garbage collection (they would outlive the bench in a caller's process)."""
+        import gc
+
+        self.loader = None
+        gc.collect()
+
     @property
     def rate(self):
         return self.images / self.seconds if self.seconds else float("nan")
@@ -176,6 +184,7 @@ def measure(passes, seconds: float, min_rounds: int = 2, log=print):
         rounds += 1
     for p in passes:
         log(f"  {p.label:<58} {p.rate:9.0f} img/s")
+        p.close()
     return {p.key: p.rate for p in passes}
 
 
@@ -314,7 +323,8 @@ def training_rate(arch, res, batch, seconds, batches=None, log=print, model=None
 
     torch.set_num_threads(len(os.sched_getaffinity(0)))  # ffcv's Loader lowers it when iterated
     warm_until = time.perf_counter() + min(seconds, 5.0)
-    _, first_s = run(2)  # warm-up: allocator, oneDNN/cudnn kernel selection, the loader's first batches
+    # warm-up: allocator, oneDNN/cudnn kernel selection, the loader's first batches
+    _, first_s = run(2)
     if timings is not None:
         timings["first_steps_s"] = first_s
     while time.perf_counter() < warm_until:

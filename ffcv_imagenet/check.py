@@ -27,7 +27,6 @@ rebuilds the README's machine-check section from committed check.json files.
 
 import argparse
 import json
-import os
 import platform
 import sys
 import time
@@ -37,6 +36,11 @@ from pathlib import Path
 import numpy as np
 
 SECTION = "check"
+# --modes: eager, or torch.compile with these options (reduce-overhead: CUDA graphs;
+# max-autotune: inductor's kernel search, CUDA graphs too)
+COMPILE_MODES = {"compile": {}, "reduce-overhead": {"mode": "reduce-overhead"},
+                 "max-autotune": {"mode": "max-autotune"}}
+MODES = ("eager", *COMPILE_MODES)
 CORRECTNESS_ARCH = "resnet18"
 IMAGENET_TRAIN_IMAGES = 1_281_167
 
@@ -44,7 +48,8 @@ IMAGENET_TRAIN_IMAGES = 1_281_167
 # --------------------------------------------------------------------------- step bookkeeping
 
 class Steps:
-    """Runs named steps, prints PASS/FAIL (or SKIP) as each ends, keeps the record for check.json."""
+    """Runs named steps, prints PASS/FAIL (or SKIP) as each ends, keeps the record for
+    check.json."""
 
     def __init__(self, log=print):
         self.log, self.records = log, []
@@ -98,14 +103,18 @@ def versions() -> dict:
             out[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
             out[package] = None
-    import cv2
+    try:
+        import cv2
 
-    out["cv2"] = cv2.__version__
+        out["cv2"] = cv2.__version__
+    except ImportError:  # the decoder step then fails, saying what to install
+        out["cv2"] = None
     out["cuda"] = torch.version.cuda
     out["cudnn"] = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
     nccl = getattr(torch.cuda, "nccl", None)
     try:
-        out["nccl"] = ".".join(map(str, nccl.version())) if nccl and torch.cuda.is_available() else None
+        out["nccl"] = (".".join(map(str, nccl.version())) if nccl and torch.cuda.is_available()
+                       else None)
     except (RuntimeError, AttributeError):
         out["nccl"] = None
     return out
@@ -126,8 +135,9 @@ def devices() -> dict:
                      "bf16": torch.cuda.is_bf16_supported() if index == 0 else None})
     return {"cpu": cpu_model() or platform.processor(), "cpu_cores": cpu_cores(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "cpu_native_bf16": cpu_has_fast_bf16(), "ram_gib": psutil.virtual_memory().total / 2**30,
-            "gpu_count": len(gpus), "gpus": gpus, "platform": platform.platform()}
+            "cpu_native_bf16": cpu_has_fast_bf16(),
+            "ram_gib": psutil.virtual_memory().total / 2**30, "gpu_count": len(gpus), "gpus": gpus,
+            "platform": platform.platform()}
 
 
 def decoder_agreement() -> tuple:
@@ -141,7 +151,10 @@ def decoder_agreement() -> tuple:
     from .synthetic import photo_like
 
     image = photo_like(375, 500, np.random.default_rng(0))
-    ok, data = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 90, cv2.IMWRITE_JPEG_RST_INTERVAL, 2])
+    ok, data = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 90,
+                                            cv2.IMWRITE_JPEG_RST_INTERVAL, 2])
+    if not ok:
+        raise RuntimeError("OpenCV could not encode a test JPEG")
     h, w = image.shape[:2]
     theirs = np.empty((h, w, 3), np.uint8)
     if imdecode(data, theirs, h, w, h, w, 0, 0, 1, 1, False, False) != 0:
@@ -196,7 +209,8 @@ def training_steps(device, precision: str, batches: list, steps: int) -> tuple:
     from .train import train_one_epoch
 
     torch.manual_seed(0)
-    model = create_model(CORRECTNESS_ARCH, num_classes=10).to(device, memory_format=torch.channels_last)
+    model = create_model(CORRECTNESS_ARCH, num_classes=10).to(
+        device, memory_format=torch.channels_last)
     optimizer = create_optimizer(model, name="sgd", lr=0.05, momentum=0.9, weight_decay=5e-5)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     losses = []
@@ -240,7 +254,8 @@ def checkpoint_roundtrip(device, workdir: Path) -> tuple:
     differing = [k for k in saved if not torch.equal(saved[k], back[k])]
     if differing:
         raise AssertionError(f"{len(differing)} tensors differ after reload, e.g. {differing[:3]}")
-    return f"{len(saved)} tensors identical after save and load ({path.stat().st_size:,} bytes)", True
+    return (f"{len(saved)} tensors identical after save and load "
+            f"({path.stat().st_size:,} bytes)"), True
 
 
 def nccl_ddp_step(workdir: Path) -> tuple:
@@ -263,7 +278,8 @@ def nccl_ddp_step(workdir: Path) -> tuple:
     try:
         value = torch.ones(4, device=device)
         dist.all_reduce(value)
-        model = create_model(CORRECTNESS_ARCH, num_classes=10).to(device, memory_format=torch.channels_last)
+        model = create_model(CORRECTNESS_ARCH, num_classes=10).to(
+            device, memory_format=torch.channels_last)
         ddp = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[0], **ddp_options(compile_model=False, accum_steps=1))
         optimizer = create_optimizer(model, name="sgd", lr=0.1, momentum=0.9)
@@ -273,7 +289,8 @@ def nccl_ddp_step(workdir: Path) -> tuple:
         torch.cuda.synchronize()
         if not bool(torch.isfinite(loss)) or value.sum().item() != 4:
             raise AssertionError("NCCL all-reduce or DDP step gave a wrong or non-finite value")
-        return f"NCCL {'.'.join(map(str, torch.cuda.nccl.version()))}: all-reduce and a DDP step", True
+        return (f"NCCL {'.'.join(map(str, torch.cuda.nccl.version()))}: all-reduce and a "
+                "DDP step"), True
     finally:
         dist.destroy_process_group()
 
@@ -284,10 +301,12 @@ def correctness(steps: Steps, device_types: list, workdir: Path, n_steps: int) -
 
     from .demo import prepare_data
 
-    betons = prepare_data(workdir / "small", train_per_class=4, val_per_class=4, size_px=32, workers=1,
-                          log=None)
+    betons = steps.run("correctness: write a small .beton", lambda: (
+        "40 generated JPEGs at 32 px, 10 classes",
+        prepare_data(workdir / "small", train_per_class=4, val_per_class=4, size_px=32, workers=1,
+                     log=None)))
     results = {}
-    for kind in device_types:
+    for kind in device_types if betons else ():
         device = torch.device(kind, 0) if kind == "cuda" else torch.device("cpu")
         batches = steps.run(f"{kind}: batches from a generated .beton", lambda: (
             "4 val batches of 8 at 32 px", fixed_batches(betons["val"], device, 8, 4)))
@@ -323,47 +342,59 @@ def loader_rates(beton: Path, res: int, batch: int, workers: int, seconds: float
 
     passes = [Pass("one", ours_loader(beton, res, batch, 1), "loader, 1 worker")]
     if workers > 1:
-        passes.append(Pass("all", ours_loader(beton, res, batch, workers), f"loader, {workers} workers"))
+        passes.append(Pass("all", ours_loader(beton, res, batch, workers),
+                           f"loader, {workers} workers"))
     rates = measure(passes, seconds, log=lambda *a: None)
     rates.setdefault("all", rates["one"])
-    return (f"{res} px: {rates['all']:,.0f} img/s with {workers} workers, {rates['one']:,.0f} with 1"), rates
+    return (f"{res} px: {rates['all']:,.0f} img/s with {workers} workers, "
+            f"{rates['one']:,.0f} with 1"), rates
+
+
+def e2e_loader(beton: Path, res: int, batch: int, workers: int, device) -> tuple:
+    """The engine's train loader on `device` with `workers` threads, one for every resolution (as
+    progressive resizing uses it)."""
+    import torch
+
+    from . import data
+
+    loader = data.create_train_loader(beton, batch_size=batch, resolution_px=res,
+                                      num_workers=workers, device=device,
+                                      torch_threads=torch.get_num_threads())
+    return f"{len(loader)} batches of {batch} per pass, {workers} workers, on {device}", loader
 
 
 def model_for(arch: str, device, mode: str):
-    """A fresh channels-last `arch` on `device`, compiled when mode == 'compile'."""
+    """A fresh channels-last `arch` on `device`, compiled as MODES says."""
     import torch
 
     from .models import create_model
 
     model = create_model(arch, num_classes=1000).to(device, memory_format=torch.channels_last)
-    return torch.compile(model) if mode == "compile" else model
+    return model if mode == "eager" else torch.compile(model, **COMPILE_MODES[mode])
 
 
 def training_speed(device, arch: str, res: int, batch: int, seconds: float, mode: str,
-                   beton: "Path | None", workers: int) -> tuple:
-    """Model-only img/s, and end-to-end img/s when `beton` is given (the train loader with
-    `workers` threads feeding the same step, same model: compiled once); the first steps' seconds
+                   loader) -> tuple:
+    """Model-only img/s, and end-to-end img/s when `loader` (a TrainLoader, set here to `res`) is
+    given, feeding the same step with the same model (compiled once); the first steps' seconds
     (with torch.compile, mostly compilation)."""
-    import torch
-
-    from . import data
     from .bench import training_rate
 
     timings = {}
     quiet = lambda *a: None  # noqa: E731
     model = model_for(arch, device, mode)
-    rate = {"model": training_rate(arch, res, batch, seconds, log=quiet, device=device, timings=timings,
-                                   model=model)}
+    rate = {"model": training_rate(arch, res, batch, seconds, log=quiet, device=device,
+                                   timings=timings, model=model)}
     rate["first_steps_s"] = timings["first_steps_s"]
-    if beton is not None:
-        loader = data.create_train_loader(beton, batch_size=batch, resolution_px=res, num_workers=workers,
-                                          device=device, torch_threads=torch.get_num_threads())
-        rate["e2e"] = training_rate(arch, res, batch, seconds, batches=loader, log=quiet, device=device,
-                                    model=model)
+    if loader is not None:
+        loader.set_resolution(res)
+        rate["e2e"] = training_rate(arch, res, batch, seconds, batches=loader, log=quiet,
+                                    device=device, model=model)
         rate["e2e_over_model"] = rate["e2e"] / rate["model"]
     text = f"model only {rate['model']:,.1f} img/s"
     if "e2e" in rate:
-        text += f", end to end {rate['e2e']:,.1f} img/s ({rate['e2e_over_model']:.2f} of model only)"
+        text += (f", end to end {rate['e2e']:,.1f} img/s "
+                 f"({rate['e2e_over_model']:.2f} of model only)")
     return f"{text}; first 2 steps {rate['first_steps_s']:.1f} s", rate
 
 
@@ -375,9 +406,11 @@ def precision_speed(device, arch: str, res: int, batch: int, seconds: float) -> 
     if device.type != "cuda":
         raise Skip("fp16 against bf16 is measured on CUDA only")
     rates = {p: training_rate(arch, res, batch, seconds, log=lambda *a: None, device=device,
-                              precision=p, model=model_for(arch, device, "eager")) for p in ("fp16", "bf16")}
+                              precision=p, model=model_for(arch, device, "eager"))
+             for p in ("fp16", "bf16")}
     rates["auto"] = resolve_precision("auto", device)
-    return (f"fp16 {rates['fp16']:,.0f}, bf16 {rates['bf16']:,.0f} img/s; auto picks {rates['auto']}"), rates
+    return (f"fp16 {rates['fp16']:,.0f}, bf16 {rates['bf16']:,.0f} img/s; "
+            f"auto picks {rates['auto']}"), rates
 
 
 def speed(steps: Steps, opts, workdir: Path) -> dict:
@@ -392,15 +425,20 @@ def speed(steps: Steps, opts, workdir: Path) -> dict:
            "e2e_workers": opts.e2e_workers, "loader_workers": cores, "model": {}, "e2e": {},
            "first_steps_s": {}, "loader_img_s": {}, "loader_1core_img_s": {}}
     beton = steps.run("speed: write the loader's .beton", speed_beton, workdir, opts.images, cores)
+    loader = None
+    if beton is not None:
+        res = opts.resolutions[0]
+        rates = steps.run(f"speed: loader at {res} px", loader_rates, beton, res, opts.loader_batch,
+                          cores, opts.seconds)
+        if rates:
+            out["loader_img_s"][res], out["loader_1core_img_s"][res] = rates["all"], rates["one"]
+        loader = steps.run("speed: the end-to-end loader", e2e_loader, beton, res, opts.batch,
+                           opts.e2e_workers, device)
     for res in opts.resolutions:
-        if beton is not None:
-            rates = steps.run(f"speed: loader at {res} px", loader_rates, beton, res, opts.loader_batch,
-                              cores, opts.seconds)
-            if rates:
-                out["loader_img_s"][res], out["loader_1core_img_s"][res] = rates["all"], rates["one"]
         for mode in opts.modes:
-            rate = steps.run(f"speed: {opts.arch} {mode} at {res} px, batch {opts.batch}", training_speed,
-                             device, opts.arch, res, opts.batch, opts.seconds, mode, beton, opts.e2e_workers)
+            rate = steps.run(f"speed: {opts.arch} {mode} at {res} px, batch {opts.batch}",
+                             training_speed, device, opts.arch, res, opts.batch, opts.seconds,
+                             mode, loader)
             for key in ("model", "e2e", "first_steps_s"):
                 if rate and key in rate:
                     out[key].setdefault(res, {})[mode] = rate[key]
@@ -429,14 +467,16 @@ def write_data(data_dir: Path, out: Path, max_resolution: int, workers: int) -> 
     for split in ("train", "val"):
         source, beton = data_dir / split, out / f"{split}.beton"
         if not source.is_dir():
-            raise FileNotFoundError(f"--data {data_dir}: no {split}/ folder (ImageFolder layout expected)")
+            raise FileNotFoundError(f"--data {data_dir}: no {split}/ folder "
+                                    "(ImageFolder layout expected)")
         if not beton.exists():
-            write_dataset(source, beton, split=split, max_resolution=max_resolution, write_mode="jpg",
-                          jpeg_quality=90, num_workers=workers, progress=False)
+            write_dataset(source, beton, split=split, max_resolution=max_resolution,
+                          write_mode="jpg", jpeg_quality=90, num_workers=workers, progress=False)
         from .data import num_samples
 
         paths[split], counts[split] = beton, num_samples(beton)
-    return f"{counts['train']:,} train and {counts['val']:,} val images at max side {max_resolution}", paths
+    return (f"{counts['train']:,} train and {counts['val']:,} val images at max side "
+            f"{max_resolution}"), paths
 
 
 def preset_run(preset: Path, betons: dict, folder: Path, device) -> tuple:
@@ -454,7 +494,8 @@ def preset_run(preset: Path, betons: dict, folder: Path, device) -> tuple:
     records = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()] \
         if (folder / "log.jsonl").exists() else []
     epochs = [{k: r.get(k) for k in ("epoch", "resolution", "top_1", "train_loss", "elapsed_s",
-                                     "train_images_per_s")} for r in records if r.get("type") == "epoch"]
+                                     "train_images_per_s")}
+              for r in records if r.get("type") == "epoch"]
     summary = next((r for r in records if r.get("type") == "summary"), None)
     result = {"command": command, "exit_status": status, "wall_s": time.time() - start,
               "folder": str(folder), "epochs": epochs, "summary": summary}
@@ -505,7 +546,8 @@ def plan(preset: Path, speed_result: dict, train_beton: "Path | None") -> tuple:
         model, core = nearest_rate(model_rates, res), nearest_rate(per_core, res)
         rate = min(model, core * cores)
         total_s += images / rate
-        rows.append({"epoch": epoch, "resolution": res, "model_img_s": model, "loader_img_s": core * cores,
+        rows.append({"epoch": epoch, "resolution": res, "model_img_s": model,
+                     "loader_img_s": core * cores,
                      "limit": "loader" if core * cores < model else "model",
                      "cores_per_gpu_needed": model / core, "epoch_min": images / rate / 60})
     size = train_beton.stat().st_size if train_beton else None
@@ -516,9 +558,10 @@ def plan(preset: Path, speed_result: dict, train_beton: "Path | None") -> tuple:
               "train_file_bytes": size, "ram_bytes": ram,
               "fits_in_ram": None if size is None else size < 0.9 * ram, "projection": True}
     limits = sorted({r["limit"] for r in rows})
-    return (f"projection: {total_s / 60:.1f} min of training for {epochs} epochs of {images:,} images "
-            f"on one {speed_result['device']} ({'/'.join(limits)}-bound); the loader needs up to "
-            f"{max(r['cores_per_gpu_needed'] for r in rows):.1f} cores per GPU"), result
+    return (f"projection: {total_s / 60:.1f} min of training for {epochs} epochs of "
+            f"{images:,} images on one {speed_result['device']} ({'/'.join(limits)}-bound); "
+            f"the loader needs up to {max(r['cores_per_gpu_needed'] for r in rows):.2g} cores "
+            "per GPU"), result
 
 
 # --------------------------------------------------------------------------- output
@@ -528,10 +571,10 @@ def _num(x, digits=0) -> str:
 
 
 def machine_name(result: dict) -> str:
-    gpus = result["devices"]["gpus"]
-    if gpus:
-        return f"{len(gpus)} × {gpus[0]['name']}"
-    return f"{result['devices']['cpu_cores']}-core CPU ({result['devices']['cpu']})"
+    devices = result.get("devices") or {}
+    if devices.get("gpus"):
+        return f"{len(devices['gpus'])} × {devices['gpus'][0]['name']}"
+    return f"{devices.get('cpu_cores', '?')}-core CPU ({devices.get('cpu', '?')})"
 
 
 def speed_rows(speed_result: dict) -> list:
@@ -549,8 +592,10 @@ def speed_rows(speed_result: dict) -> list:
 
 def build_table(result: dict) -> str:
     s = result.get("speed") or {}
+    verdict = ("all steps passed" if not result["failed"]
+               else "FAILED: " + ", ".join(result["failed"]))
     out = [f"ffcv-imagenet check, {result['date']}, {machine_name(result)}, torch "
-           f"{result['versions']['torch']}, {'all steps passed' if not result['failed'] else 'FAILED: ' + ', '.join(result['failed'])}",
+           f"{(result.get('versions') or {}).get('torch')}, {verdict}",
            "", "| step | result | detail |", "|---|---|---|"]
     out += [f"| {r['step']} | {r['status']} | {r['detail']} |" for r in result["checks"]]
     if s:
@@ -564,12 +609,13 @@ def build_table(result: dict) -> str:
     p = result.get("plan")
     if p:
         out += ["", f"Projection (not a measurement) for {Path(p['preset']).name} on one "
-                f"{s.get('device')}, {p['train_images']:,} images per epoch: {p['total_min']:.1f} min "
-                f"of training; train file fits in RAM: {p['fits_in_ram']}", "",
+                f"{s.get('device')}, {p['train_images']:,} images per epoch: {p['total_min']:.1f} "
+                f"min of training; train file fits in RAM: {p['fits_in_ram']}", "",
                 "| epoch | px | model img/s | loader img/s | limit | cores per GPU needed | min |",
                 "|---|---|---|---|---|---|---|"]
-        out += [f"| {r['epoch']} | {r['resolution']} | {_num(r['model_img_s'])} | {_num(r['loader_img_s'])} "
-                f"| {r['limit']} | {r['cores_per_gpu_needed']:.1f} | {r['epoch_min']:.2f} |" for r in p["per_epoch"]]
+        out += [f"| {r['epoch']} | {r['resolution']} | {_num(r['model_img_s'])} | "
+                f"{_num(r['loader_img_s'])} | {r['limit']} | {r['cores_per_gpu_needed']:.1f} | "
+                f"{r['epoch_min']:.2f} |" for r in p["per_epoch"]]
     return "\n".join(out)
 
 
@@ -587,11 +633,13 @@ def render_readme(folders: list, readme: Path) -> str:
         ratios = {res: max((v for v in modes.values()), default=None) for res, modes in
                   (r.get("e2e_over_model") or {}).items()}
         passed = sum(c["status"] == "pass" for c in r["checks"])
+        loader_img_s = s.get("loader_img_s") or {}
         lines.append(
-            f"| {machine_name(r)} | {r['date'][:10]} | {r['versions']['torch']} | {passed} passed, "
-            f"{len(r['failed'])} failed | {', '.join(f'{k}: {v:,.0f}' for k, v in best.items()) or '–'} | "
+            f"| {machine_name(r)} | {r['date'][:10]} | {(r.get('versions') or {}).get('torch')} | "
+            f"{passed} passed, {len(r['failed'])} failed | "
+            f"{', '.join(f'{k}: {v:,.0f}' for k, v in best.items()) or '–'} | "
             f"{', '.join(f'{k}: {v:.2f}' for k, v in ratios.items() if v) or '–'} | "
-            f"{', '.join(f'{k}: {v:,.0f}' for k, v in (s.get('loader_img_s') or {}).items()) or '–'} | "
+            f"{', '.join(f'{k}: {v:,.0f}' for k, v in loader_img_s.items()) or '–'} | "
             f"`{path}` |")
     if not files:
         lines.append("| (no check.json committed yet) | | | | | | | |")
@@ -605,32 +653,42 @@ def render_readme(folders: list, readme: Path) -> str:
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="ffcv-imagenet check", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true",
-                   help="160 px only, eager only, short timings, small data (under 2 minutes on a 2-core CPU)")
+                   help="160 px only, eager only, short timings, small data (under 2 minutes on a "
+                   "2-core CPU)")
     p.add_argument("--out", default="check_out", help="folder for check.json, check.md and the "
                    "--data run's logs (default %(default)s)")
-    p.add_argument("--workdir", type=Path, default=None, help="keep the generated images and .beton "
-                   "files here (default: a temporary folder, removed at the end)")
+    p.add_argument("--workdir", type=Path, default=None, help="keep the generated images and "
+                   ".beton files here (default: a temporary folder, removed at the end)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
-                   help="auto: the CPU and, when visible, CUDA (speed on the fastest); cpu or cuda: that one")
+                   help="auto: the CPU and, when visible, CUDA (speed on the fastest); "
+                   "cpu or cuda: that one")
     p.add_argument("--data", type=Path, default=None, help="ImageFolder with train/ and val/ (e.g. "
                    "Imagenette): write it and train --preset on it, timed")
-    p.add_argument("--preset", type=Path, default=None, help="preset to time with --data and to plan "
-                   "for this machine (e.g. imagenette_configs/in128_rn50_5_epochs.yaml)")
+    p.add_argument("--preset", type=Path, default=None, help="preset to time with --data and to "
+                   "plan for this machine (e.g. imagenette_configs/in128_rn50_5_epochs.yaml)")
     p.add_argument("--train-beton", type=Path, default=None, help="the preset's train .beton, for "
-                   "the plan's image count and RAM check (default: ILSVRC2012's 1,281,167 images)")
+                   "the plan's image count and RAM check (default: the one written from --data, "
+                   "else ILSVRC2012's 1,281,167 images without a RAM check)")
     p.add_argument("--max-resolution", type=int, default=0,
-                   help="longest side when writing --data (default: the preset's largest resolution)")
-    p.add_argument("--arch", default="resnet50", help="model for the speed step (default %(default)s)")
-    p.add_argument("--res", default=None, help="speed resolutions, comma-separated (default 160,192,224; --quick: 160)")
-    p.add_argument("--modes", default=None, help="eager,compile (default both; --quick: eager)")
-    p.add_argument("--batch", type=int, default=None, help="training batch (default 256 on CUDA, 16 on "
-                   "the CPU; --quick on the CPU: 8)")
-    p.add_argument("--seconds", type=float, default=None, help="timed seconds per rate (default 6; --quick: 1)")
-    p.add_argument("--images", type=int, default=None, help="images in the speed .beton (default 10240 "
-                   "with CUDA, 1024 without; --quick: 192)")
+                   help="longest side when writing --data (default: the preset's largest "
+                   "resolution)")
+    p.add_argument("--arch", default="resnet50",
+                   help="model for the speed step (default %(default)s)")
+    p.add_argument("--res", default=None, help="speed resolutions, comma-separated (default "
+                   "160,192,224; --quick: 160)")
+    p.add_argument("--modes", default=None, help=f"comma-separated, of {', '.join(MODES)} (default "
+                   "eager,compile; --quick: eager)")
+    p.add_argument("--batch", type=int, default=None, help="training batch (default 256 on CUDA, "
+                   "16 on the CPU; --quick on the CPU: 8)")
+    p.add_argument("--seconds", type=float, default=None,
+                   help="timed seconds per rate (default 5; --quick: 1)")
+    p.add_argument("--images", type=int, default=None, help="images in the speed .beton "
+                   "(default 10240 with CUDA, 1024 without; --quick: 192)")
     p.add_argument("--render", nargs="+", type=Path, default=None, metavar="DIR",
-                   help="only rebuild the README's check section from the check.json files under DIR...")
-    p.add_argument("--readme", type=Path, default=Path("README.md"), help="README for --render (default %(default)s)")
+                   help="only rebuild the README's check section from the check.json files under "
+                   "DIR...")
+    p.add_argument("--readme", type=Path, default=Path("README.md"),
+                   help="README for --render (default %(default)s)")
     args = p.parse_args(argv)
     return finish_args(p, args)
 
@@ -642,16 +700,20 @@ def finish_args(parser, args):
     cuda = torch.cuda.is_available()
     if args.device == "cuda" and not cuda:
         parser.error("--device cuda: torch sees no CUDA device")
-    args.device_types = {"auto": ["cpu"] + (["cuda"] if cuda else []), "cpu": ["cpu"], "cuda": ["cuda"]}[args.device]
+    args.device_types = {"auto": ["cpu"] + (["cuda"] if cuda else []), "cpu": ["cpu"],
+                         "cuda": ["cuda"]}[args.device]
     on_gpu = args.device_types[-1] == "cuda"
     quick = args.quick
-    args.resolutions = [int(r) for r in (args.res or ("160" if quick else "160,192,224")).split(",") if r.strip()]
-    args.modes = [m.strip() for m in (args.modes or ("eager" if quick else "eager,compile")).split(",") if m.strip()]
-    if set(args.modes) - {"eager", "compile"}:
-        parser.error(f"--modes: {args.modes} has a mode other than eager and compile")
+    args.resolutions = [int(r) for r in
+                        (args.res or ("160" if quick else "160,192,224")).split(",") if r.strip()]
+    args.modes = [m.strip() for m in
+                  (args.modes or ("eager" if quick else "eager,compile")).split(",") if m.strip()]
+    if set(args.modes) - set(MODES):
+        parser.error(f"--modes: unknown {sorted(set(args.modes) - set(MODES))}; "
+                     f"choose from {', '.join(MODES)}")
     args.batch = args.batch or (256 if on_gpu else (8 if quick else 16))
     args.loader_batch = 64 if quick else 128
-    args.seconds = args.seconds or (1.0 if quick else 6.0)
+    args.seconds = args.seconds or (1.0 if quick else 5.0)
     args.images = args.images or (192 if quick else (10240 if on_gpu else 1024))
     args.correctness_steps = 12 if quick else 24
     args.e2e_workers = min(8, _cores())
@@ -689,10 +751,11 @@ def run_steps(args, out: Path, workdir: Path, log) -> dict:
     import torch
 
     steps = Steps(log)
-    result = {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "command": "ffcv-imagenet check " + " ".join(args.argv),
-              "quick": args.quick}
+    result = {"date": time.strftime("%Y-%m-%d %H:%M %Z"),
+              "command": "ffcv-imagenet check " + " ".join(args.argv), "quick": args.quick}
     result["versions"] = steps.run("environment: versions", lambda: (
-        (v := versions()) and f"torch {v['torch']}, CUDA {v['cuda']}, ffcv {v['ffcv']}, numpy {v['numpy']}, cv2 {v['cv2']}", v))
+        (v := versions()) and f"torch {v['torch']}, CUDA {v['cuda']}, ffcv {v['ffcv']}, "
+        f"numpy {v['numpy']}, cv2 {v['cv2']}", v))
     result["devices"] = steps.run("environment: devices", lambda: (
         (d := devices()) and f"{d['cpu_cores']} CPU cores, {d['gpu_count']} GPU(s)"
         + "".join(f"; {g['name']} {g['memory_gib']:.0f} GiB" for g in d["gpus"]), d))
@@ -700,18 +763,21 @@ def run_steps(args, out: Path, workdir: Path, log) -> dict:
     result["steps"] = correctness(steps, args.device_types, workdir, args.correctness_steps)
     torch.set_num_threads(_cores())
     result["speed"] = speed(steps, args, workdir)
+    betons = None
     if args.data is not None:
-        max_res = args.max_resolution or max(preset_config(args.preset)["resolution"]["max_res"],
-                                             preset_config(args.preset)["validation"]["resolution"])
-        betons = steps.run(f"preset: write {args.data}", write_data, args.data, workdir / "preset_data",
-                           max_res, _cores())
+        preset = preset_config(args.preset)
+        max_res = args.max_resolution or max(preset["resolution"]["max_res"],
+                                             preset["validation"]["resolution"])
+        betons = steps.run(f"preset: write {args.data}", write_data, args.data,
+                           workdir / "preset_data", max_res, _cores())
         if betons:
             device = torch.device("cuda" if args.device_types[-1] == "cuda" else "cpu")
-            result["preset_run"] = steps.run(f"preset: train {args.preset}", preset_run, args.preset,
-                                             betons, out / "preset_run", device)
-    if args.preset is not None:
+            result["preset_run"] = steps.run(f"preset: train {args.preset}", preset_run,
+                                             args.preset, betons, out / "preset_run", device)
+    if args.preset is not None:  # for the train file written from --data, unless one is named
+        train_beton = args.train_beton or (betons or {}).get("train")
         result["plan"] = steps.run(f"plan: {args.preset} on this machine", plan, args.preset,
-                                   result["speed"], args.train_beton)
+                                   result["speed"], train_beton)
     summarise(result, steps)
     return result
 
@@ -720,9 +786,11 @@ def summarise(result: dict, steps: Steps) -> None:
     """The top-level figures (model_img_s, e2e_img_s, loader_img_s, e2e_over_model) and the
     step records, as check.json holds them."""
     s = result["speed"]
-    result["model_img_s"], result["e2e_img_s"], result["loader_img_s"] = s["model"], s["e2e"], s["loader_img_s"]
-    result["e2e_over_model"] = {res: {mode: e2e / s["model"][res][mode] for mode, e2e in modes.items()
-                                      if s["model"].get(res, {}).get(mode)} for res, modes in s["e2e"].items()}
+    result["model_img_s"], result["e2e_img_s"] = s["model"], s["e2e"]
+    result["loader_img_s"] = s["loader_img_s"]
+    result["e2e_over_model"] = {
+        res: {mode: e2e / s["model"][res][mode] for mode, e2e in modes.items()
+              if s["model"].get(res, {}).get(mode)} for res, modes in s["e2e"].items()}
     result["checks"], result["failed"] = steps.records, steps.failed
 
 

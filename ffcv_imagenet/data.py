@@ -422,7 +422,8 @@ def device_constants(device) -> dict:
     if device not in _CONSTANTS:
         mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float64)
         std = torch.tensor(IMAGENET_STD, dtype=torch.float64)
-        host = {"scale": (1 / (255 * std)).view(1, 3, 1, 1), "shift": (-mean / std).view(1, 3, 1, 1),
+        host = {"scale": (1 / (255 * std)).view(1, 3, 1, 1),
+                "shift": (-mean / std).view(1, 3, 1, 1),
                 "eigval": torch.tensor(PCA_EIGVAL, dtype=torch.float64),
                 "eigvec": torch.tensor(PCA_EIGVEC, dtype=torch.float64)}
         _CONSTANTS[device] = {k: v.to(device=device, dtype=torch.float32) for k, v in host.items()}

@@ -36,13 +36,15 @@ def prepare_data(out: Path, train_per_class: int, val_per_class: int, size_px: i
         beton = out / "beton" / f"{split}_{per_class}x{size_px}px.beton"
         if not beton.exists():
             if not folder.exists():
-                say(f"  drawing {10 * per_class} {split} JPEGs ({size_px} px) into {folder}", flush=True)
+                say(f"  drawing {10 * per_class} {split} JPEGs ({size_px} px) into {folder}",
+                    flush=True)
                 tmp = folder.with_name(folder.name + ".partial")
                 make_image_folder(tmp, images_per_class=per_class, size_px=size_px, seed=seed)
                 tmp.rename(folder)
             beton.parent.mkdir(parents=True, exist_ok=True)
             write_dataset(folder, beton, split=split, max_resolution=size_px, write_mode="jpg",
-                          jpeg_quality=90, num_workers=workers, overwrite=False, progress=log is not None)
+                          jpeg_quality=90, num_workers=workers, overwrite=False,
+                          progress=log is not None)
         else:
             say(f"  reusing {beton}", flush=True)
         paths[split] = beton

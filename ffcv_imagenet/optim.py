@@ -228,7 +228,8 @@ class WeightEMA:
         """Make every process's average rank `src`'s. Each process averages its own model, whose
         BatchNorm running statistics come from its own micro-batches (DDP broadcasts the model's
         buffers from rank 0 only at the next forward), so the averages drift apart per rank; call
-        before evaluating, which every rank does on its part of the val set. No-op in one process."""
+        before evaluating, which every rank does on its part of the val set. No-op in one
+        process."""
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized():

@@ -282,7 +282,8 @@ def train_one_epoch(model, batches, optimizer, scaler, *, epoch: int, steps_per_
     if bar is not None:
         bar.close()
     # the epoch's one host read: loss and image count summed over processes, on the device
-    totals = torch.stack([loss_sum, torch.full((), images_seen, dtype=torch.float64, device=device)])
+    images_total = torch.full((), images_seen, dtype=torch.float64, device=device)
+    totals = torch.stack([loss_sum, images_total])
     loss_total, images = distributed.all_reduce_sum(totals).tolist()
     return {"train_loss": loss_total / max(1.0, images), "images": int(images), "lr": lr}
 

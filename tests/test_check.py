@@ -25,7 +25,8 @@ def quick_result(tmp_path_factory):
 def test_quick_check_passes_and_writes_every_figure(quick_result):
     status, out, result = quick_result
     assert status == 0, result["failed"]
-    for key in ("versions", "devices", "steps", "model_img_s", "e2e_img_s", "loader_img_s", "e2e_over_model"):
+    for key in ("versions", "devices", "steps", "model_img_s", "e2e_img_s", "loader_img_s",
+                "e2e_over_model"):
         assert key in result
     assert result["versions"]["torch"] and result["devices"]["cpu_cores"] >= 1
     for precision in ("fp32", "bf16"):  # every precision the CPU offers trained, loss falling
@@ -46,7 +47,8 @@ def test_quick_check_plans_the_preset(quick_result):
     _, _, result = quick_result
     plan = result["plan"]
     assert plan["projection"] and plan["epochs"] == 5 and plan["train_images"] == 1_281_167
-    assert [r["resolution"] for r in plan["per_epoch"]] == [96, 96, 96, 128, 128]  # the preset's ramp
+    # the preset's ramp
+    assert [r["resolution"] for r in plan["per_epoch"]] == [96, 96, 96, 128, 128]
     assert plan["total_min"] == pytest.approx(sum(r["epoch_min"] for r in plan["per_epoch"]))
     assert plan["fits_in_ram"] is None  # no train file given
 
@@ -54,11 +56,13 @@ def test_quick_check_plans_the_preset(quick_result):
 def test_plan_arithmetic(tmp_path):
     """Rates scaled from the nearest measured resolution by pixel count; the slower of loader and
     model sets each epoch; cores per GPU = model rate / loader rate per core."""
-    speed = {"device": "cuda:0", "loader_workers": 16, "model": {"128": {"eager": 4000.0, "compile": 5000.0}},
+    speed = {"device": "cuda:0", "loader_workers": 16,
+             "model": {"128": {"eager": 4000.0, "compile": 5000.0}},
              "loader_1core_img_s": {"128": 200.0}}
     text, plan = check.plan(PRESET, speed, None)
     first, last = plan["per_epoch"][0], plan["per_epoch"][-1]
-    assert first["resolution"] == 96 and first["model_img_s"] == pytest.approx(5000 * (128 / 96) ** 2)
+    assert (first["resolution"] == 96
+            and first["model_img_s"] == pytest.approx(5000 * (128 / 96) ** 2))
     assert first["loader_img_s"] == pytest.approx(200 * 16 * (128 / 96) ** 2)
     assert first["limit"] == "loader" and first["cores_per_gpu_needed"] == pytest.approx(25.0)
     assert last["epoch_min"] == pytest.approx(1_281_167 / 3200 / 60)

@@ -11,7 +11,8 @@ def test_cuda_rng_states_of_a_larger_node_restore_what_this_machine_has(monkeypa
     """An 8-GPU checkpoint resumed on 1 GPU sets GPU 0 only (set_rng_state_all raised IndexError);
     one of 1 GPU resumed on 4 sets GPU 0 and leaves the others."""
     calls = []
-    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: calls.append((device, state)))
+    monkeypatch.setattr(torch.cuda, "set_rng_state",
+                        lambda state, device: calls.append((device, state)))
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     states = [torch.full((4,), i, dtype=torch.uint8) for i in range(8)]
     assert ckpt_io.restore_cuda_rng(states) == 1

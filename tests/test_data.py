@@ -280,8 +280,9 @@ def _batches_bytes(loader, epochs_and_resolutions, stall=False):
 def test_cuda_loader_batches_equal_the_cpu_loaders_while_the_gpu_is_busy(betons):
     train, _ = betons
     schedule = [(0, 24), (1, 32)]  # a resolution change between epochs
-    made = [create_train_loader(train, batch_size=16, resolution_px=24, num_workers=1, device=device,
-                                deterministic=True, seed=3) for device in (CPU, torch.device("cuda", 0))]
+    made = [create_train_loader(train, batch_size=16, resolution_px=24, num_workers=1,
+                                device=device, deterministic=True, seed=3)
+            for device in (CPU, torch.device("cuda", 0))]
     on_cpu = _batches_bytes(made[0], schedule)
     on_gpu = _batches_bytes(made[1], schedule, stall=True)
     assert len(on_cpu) == len(on_gpu) > 0
@@ -300,7 +301,8 @@ def test_prepare_batch_on_cuda_never_syncs():
     torch.cuda.set_sync_debug_mode("error")
     try:
         for dtype in (torch.float16, torch.bfloat16):
-            x = prepare_batch(images, dtype=dtype, color_jitter=0.4, pca_lighting=0.1, generator=generator)
+            x = prepare_batch(images, dtype=dtype, color_jitter=0.4, pca_lighting=0.1,
+                              generator=generator)
             assert x.dtype == dtype and x.is_contiguous(memory_format=torch.channels_last)
     finally:
         torch.cuda.set_sync_debug_mode(0)

@@ -631,7 +631,8 @@ def cuda_batches(n, *, sync_mode_after_first=None):
     back before the loop's end-of-epoch read."""
     g = torch.Generator(device="cuda").manual_seed(0)
     for k in range(n):
-        images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, device="cuda", generator=g)
+        images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, device="cuda",
+                               generator=g)
         labels = torch.randint(0, 10, (8,), device="cuda", generator=g)
         if k == 1 and sync_mode_after_first:
             torch.cuda.set_sync_debug_mode(sync_mode_after_first)
@@ -679,7 +680,8 @@ def test_compiled_ddp_with_accumulation_equals_eager_after_two_steps(tmp_path):
 
     from ffcv_imagenet.optim import create_optimizer
 
-    dist.init_process_group("nccl", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    store = f"file://{tmp_path / 'store'}"
+    dist.init_process_group("nccl", init_method=store, rank=0, world_size=1)
     try:
         finals = []
         for compiled in (False, True):
@@ -689,9 +691,9 @@ def test_compiled_ddp_with_accumulation_equals_eager_after_two_steps(tmp_path):
             model = torch.compile(ddp) if compiled else ddp
             optimizer = create_optimizer(net, name="sgd", lr=0.1, momentum=0.9)
             scaler = torch.amp.GradScaler("cuda", enabled=False)
-            train.train_one_epoch(model, cuda_batches(4), optimizer, scaler, epoch=0, steps_per_epoch=2,
-                                  accum_steps=2, lr_fn=lambda e: 0.1, device=torch.device("cuda", 0),
-                                  precision="fp32")
+            train.train_one_epoch(model, cuda_batches(4), optimizer, scaler, epoch=0,
+                                  steps_per_epoch=2, accum_steps=2, lr_fn=lambda e: 0.1,
+                                  device=torch.device("cuda", 0), precision="fp32")
             finals.append([p.detach().clone() for p in net.parameters()])
         for eager, comp in zip(*finals):
             torch.testing.assert_close(comp, eager, rtol=1e-4, atol=1e-5)
@@ -707,8 +709,8 @@ def test_two_ranks_share_one_gpu_with_gloo_syncbn_ema_accumulation_and_resume(be
     a second launch resumes the run to its third epoch."""
     folder = tmp_path / "shared_gpu"
     argv = run_args(*betons, folder, "--training.device=cuda", "--training.deterministic=0",
-                    "--training.global_batch_size=32", "--training.sync_bn=1", "--training.ema_decay=0.9",
-                    "--validation.batch_size=6")
+                    "--training.global_batch_size=32", "--training.sync_bn=1",
+                    "--training.ema_decay=0.9", "--validation.batch_size=6")
     first = torchrun_2([*argv, "--training.stop_after_s=0.001"])  # stops after epoch 1
     assert first.returncode == 0, first.stderr[-3000:]
     second = torchrun_2([*argv, "--training.resume=1"])

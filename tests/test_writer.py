@@ -268,7 +268,17 @@ def partials(beton: Path) -> list:
     return list(beton.parent.glob(f".{beton.name}.partial-*"))
 
 
-def wait_for_workers(beton: Path, writer_pid: int, process=None, timeout_s=90) -> list:
+def children_now() -> set:
+    """PIDs of this process's children before a write starts: in-process tests count only the
+    writer's workers, not what earlier tests left running (e.g. a DataLoader's persistent
+    workers)."""
+    import psutil
+
+    return {p.pid for p in psutil.Process().children()}
+
+
+def wait_for_workers(beton: Path, writer_pid: int, process=None, timeout_s=90,
+                     before=frozenset()) -> list:
     """Wait until the writer has its partial file and both workers; returns the workers."""
     import psutil
 
@@ -278,7 +288,8 @@ def wait_for_workers(beton: Path, writer_pid: int, process=None, timeout_s=90) -
         assert time.time() < deadline, "the writer never got to writing"
         # the writer's forked workers; not other children of this process, such as the
         # multiprocessing resource tracker that an earlier test's ffcv DatasetWriter started
-        workers = [p for p in psutil.Process(writer_pid).children() if _not_a_tracker(p)]
+        workers = [p for p in psutil.Process(writer_pid).children()
+                   if p.pid not in before and _not_a_tracker(p)]
         if partials(beton) and len(workers) == 2:
             time.sleep(0.3)  # let the free worker write the other chunks
             return workers
@@ -343,9 +354,10 @@ def test_interrupt_removes_the_partial(tmp_path, stop_signal, capsys):
     """Ctrl-C / SIGTERM to this very process while it writes (in-process: no start-up cost)."""
     root = blocking_folder(tmp_path / "slow")
     beton = tmp_path / "out" / "train.beton"
+    before = children_now()
 
     def interrupt():
-        wait_for_workers(beton, os.getpid())
+        wait_for_workers(beton, os.getpid(), before=before)
         os.kill(os.getpid(), stop_signal)
 
     # A shell starting this test run in the background (`cmd &` without job control) makes the
@@ -368,9 +380,10 @@ def test_a_worker_killed_by_the_system_is_reported(tmp_path):
     """E.g. the kernel's out-of-memory killer: the write stops with a message, nothing is left."""
     root = blocking_folder(tmp_path / "slow")
     beton = tmp_path / "out" / "train.beton"
+    before = children_now()
 
     def kill_a_worker():
-        wait_for_workers(beton, os.getpid())[0].kill()
+        wait_for_workers(beton, os.getpid(), before=before)[0].kill()
 
     killer = in_background(kill_a_worker, root)
     with pytest.raises(RuntimeError, match="writer worker died .* out of memory"):
