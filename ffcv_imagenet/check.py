@@ -619,30 +619,34 @@ def build_table(result: dict) -> str:
     return "\n".join(out)
 
 
+def _rates(by_res: dict, digits=None) -> str:
+    """'160: 7,815, 224: 4,612' (rates under 100 with one decimal), or a dash."""
+    def fmt(v):
+        return f"{v:.{digits}f}" if digits is not None else f"{v:,.0f}" if v >= 100 else f"{v:.1f}"
+    return ", ".join(f"{k}: {fmt(v)}" for k, v in by_res.items() if v) or "–"
+
+
 def render_readme(folders: list, readme: Path) -> str:
     """The README's check section from every check.json under `folders`, one row per file."""
     from .report import update_readme
 
     files = sorted(f for folder in folders for f in Path(folder).rglob("check.json"))
-    lines = ["| machine | date | torch | steps | model only img/s (px: best mode) | end to end / "
-             "model only | loader img/s, all cores | file |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| machine | date | torch | run | steps | model only img/s (px: best mode) | end to "
+             "end / model only | loader img/s, all cores | file |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for path in files:
         r = json.loads(path.read_text())
         s = r.get("speed") or {}
-        best = best_mode(s.get("model", {}))
-        ratios = {res: max((v for v in modes.values()), default=None) for res, modes in
-                  (r.get("e2e_over_model") or {}).items()}
+        ratios = {res: max(modes.values(), default=None)
+                  for res, modes in (r.get("e2e_over_model") or {}).items()}
         passed = sum(c["status"] == "pass" for c in r["checks"])
-        loader_img_s = s.get("loader_img_s") or {}
         lines.append(
             f"| {machine_name(r)} | {r['date'][:10]} | {(r.get('versions') or {}).get('torch')} | "
-            f"{passed} passed, {len(r['failed'])} failed | "
-            f"{', '.join(f'{k}: {v:,.0f}' for k, v in best.items()) or '–'} | "
-            f"{', '.join(f'{k}: {v:.2f}' for k, v in ratios.items() if v) or '–'} | "
-            f"{', '.join(f'{k}: {v:,.0f}' for k, v in loader_img_s.items()) or '–'} | "
-            f"`{path}` |")
+            f"{'--quick' if r.get('quick') else 'full'} | {passed} passed, {len(r['failed'])} "
+            f"failed | {_rates(best_mode(s.get('model', {})))} | {_rates(ratios, 2)} | "
+            f"{_rates(s.get('loader_img_s') or {})} | `{path}` |")
     if not files:
-        lines.append("| (no check.json committed yet) | | | | | | | |")
+        lines.append("| (no check.json committed yet) | | | | | | | | |")
     text = "\n".join(lines)
     update_readme(readme, SECTION, text)
     return text
