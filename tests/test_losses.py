@@ -205,3 +205,15 @@ def test_create_teacher_reads_a_checkpoint_with_numpy_state(tmp_path):
     path = tmp_path / "ckpt.pt"
     torch.save({"model": source.state_dict(), "numpy_rng": np.random.get_state()}, path)
     assert create_teacher("resnet18", path, num_classes=4, device="cpu") is not None
+
+
+def test_sample_beta_stays_a_tensor_with_betas_moments():
+    """λ stays a 0-d tensor on the generator's device (no host read), distributed as Beta(α, α):
+    mean 1/2, variance 1 / (4 (2α + 1))."""
+    gen = torch.Generator().manual_seed(0)
+    alpha = 0.4
+    draws = torch.stack([sample_beta(alpha, gen) for _ in range(4000)])
+    assert draws.shape == (4000,) and draws.dtype == torch.float32
+    assert float(draws.min()) >= 0.0 and float(draws.max()) <= 1.0
+    assert float(draws.mean()) == pytest.approx(0.5, abs=0.02)
+    assert float(draws.var()) == pytest.approx(1 / (4 * (2 * alpha + 1)), rel=0.08)
