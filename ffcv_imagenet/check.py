@@ -92,17 +92,13 @@ class Failed(Exception):
 # --------------------------------------------------------------------------- (a) environment
 
 def versions() -> dict:
-    from importlib import metadata
-
     import torch
 
-    out = {"python": platform.python_version()}
-    for package in ("torch", "torchvision", "numpy", "numba", "ffcv", "ffcv-imagenet", "Pillow",
-                    "fastargs", "opencv-python", "opencv-python-headless"):
-        try:
-            out[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            out[package] = None
+    from .logger import package_versions
+
+    out = {"python": platform.python_version(), **package_versions((
+        "torch", "torchvision", "numpy", "numba", "ffcv", "ffcv-imagenet", "Pillow", "fastargs",
+        "opencv-python", "opencv-python-headless"))}
     try:
         import cv2
 

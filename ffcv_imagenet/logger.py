@@ -106,20 +106,27 @@ def cpu_model():
     return None
 
 
-def environment(world_size: int) -> dict:
-    """Versions, devices and host of this run."""
+def package_versions(packages) -> dict:
+    """{distribution name: installed version, or None when it is not installed}."""
     from importlib import metadata
 
-    import torch
-
-    from ffcv_imagenet.distributed import cpu_has_fast_bf16
-
     versions = {}
-    for package in ("torch", "torchvision", "ffcv", "numba", "numpy", "fastargs", "ffcv-imagenet"):
+    for package in packages:
         try:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
             versions[package] = None
+    return versions
+
+
+def environment(world_size: int) -> dict:
+    """Versions, devices and host of this run."""
+    import torch
+
+    from ffcv_imagenet.distributed import cpu_has_fast_bf16
+
+    versions = package_versions(("torch", "torchvision", "ffcv", "numba", "numpy", "fastargs",
+                                 "ffcv-imagenet"))
     cuda = torch.cuda.is_available()
     return {
         "python": sys.version.split()[0],
