@@ -33,7 +33,7 @@
 #define JC_SPLICE 1u
 #define JC_SCALE 2u
 #define JC_REGION 4u
-#define JC_POW2_SCALES 8u /* restrict the IDCT scale to 1/8, 2/8, 4/8, 8/8 */
+#define JC_SCALE_POW2_ONLY 8u /* restrict the IDCT scale to 1/8, 2/8, 4/8, 8/8 */
 
 /* Error codes (negative) returned to the caller. */
 #define JC_E_DECODE -1   /* libjpeg reported an error */
@@ -187,7 +187,7 @@ static uint32_t jc_pick_scale(uint32_t crop_h, uint32_t crop_w, uint32_t out_h, 
     if (margin == 0) margin = 8;
     if (!(flags & JC_SCALE)) return 8;
     for (uint32_t m = 1; m < 8; m++) {
-        if ((flags & JC_POW2_SCALES) && (m & (m - 1))) continue;
+        if ((flags & JC_SCALE_POW2_ONLY) && (m & (m - 1))) continue;
         if ((uint64_t)crop_h * m * 8 >= (uint64_t)out_h * 8 * margin &&
             (uint64_t)crop_w * m * 8 >= (uint64_t)out_w * 8 * margin)
             return m;

@@ -268,6 +268,28 @@ def dali_available() -> bool:
 
 # --------------------------------------------------------------------------- training steps
 
+def _step_source(batches, batch: int, res: int, device):
+    """source(steps) -> `steps` (images, labels) pairs: cycling `batches`, or with batches=None
+    one random batch already on the device, reused (the model-only ceiling)."""
+    import torch
+
+    if batches is None:
+        images = torch.randint(0, 256, (batch, 3, res, res), dtype=torch.uint8, device=device)
+        images = images.contiguous(memory_format=torch.channels_last)
+        labels = torch.randint(0, 1000, (batch,), device=device)
+        return lambda steps: ((images, labels) for _ in range(steps))
+
+    def source(steps):
+        produced = 0
+        while produced < steps:
+            for item in batches:
+                yield item
+                produced += 1
+                if produced >= steps:
+                    return
+    return source
+
+
 def training_rate(arch, res, batch, seconds, batches=None, log=print, model=None, label="",
                   precision="auto", device=None, timings=None) -> float:
     """Images/s of real training steps (engine's train_one_epoch: SGD, label smoothing, autocast).
@@ -280,7 +302,7 @@ def training_rate(arch, res, batch, seconds, batches=None, log=print, model=None
 
     from .models import create_model
     from .optim import create_optimizer
-    from .train import resolve_precision, train_one_epoch
+    from .train import LossOptions, Trainer, resolve_precision, train_one_epoch
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     precision = resolve_precision(precision, device)
@@ -290,33 +312,15 @@ def training_rate(arch, res, batch, seconds, batches=None, log=print, model=None
     model = model.to(device, memory_format=torch.channels_last)
     optimizer = create_optimizer(model, name="sgd", lr=0.1, momentum=0.9, nesterov=True,
                                  weight_decay=5e-5)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    if batches is None:
-        images = torch.randint(0, 256, (batch, 3, res, res), dtype=torch.uint8, device=device)
-        images = images.contiguous(memory_format=torch.channels_last)
-        labels = torch.randint(0, 1000, (batch,), device=device)
-
-        def source(steps):
-            return ((images, labels) for _ in range(steps))
-    else:
-        def source(steps):
-            def gen():
-                produced = 0
-                while produced < steps:
-                    for item in batches:
-                        yield item
-                        produced += 1
-                        if produced >= steps:
-                            return
-            return gen()
+    trainer = Trainer(model, optimizer, device, precision, loss=LossOptions(label_smoothing=0.1))
+    source = _step_source(batches, batch, res, device)
 
     def run(steps):
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        out = train_one_epoch(model, source(steps), optimizer, scaler, epoch=0, steps_per_epoch=steps,
-                              accum_steps=1, lr_fn=lambda e: 0.1, device=device, precision=precision,
-                              label_smoothing=0.1)
+        out = train_one_epoch(trainer, source(steps), epoch=0, steps_per_epoch=steps,
+                              lr_fn=lambda e: 0.1)
         if device.type == "cuda":
             torch.cuda.synchronize()
         return out["images"], time.perf_counter() - start
@@ -445,7 +449,8 @@ def build_table(r: dict) -> str:
         out.append(f"| this / stock ffcv, same file, {res} px | "
                    f"{_fmtr(ratio(r.get(f'loader_1core_img_s_{res}'), r.get(f'ffcv_loader_1core_img_s_{res}')))} | |")
     out += ["", "| training | img/s |", "|---|---|",
-            f"| model only ({r['arch']} @ {r['model_resolution']} px, batch on the device) | {_fmt(r.get('model_img_s'))} |",
+            f"| model only ({r['arch']} @ {r['model_resolution']} px, batch on the device) "
+            f"| {_fmt(r.get('model_img_s'))} |",
             f"| end to end (this loader -> same training step) | {_fmt(r.get('e2e_img_s'))} |",
             f"| end to end / model only | {_fmtr(ratio(r.get('e2e_img_s'), r.get('model_img_s')))} |",
             *_precision_rows(r),
@@ -454,7 +459,8 @@ def build_table(r: dict) -> str:
             f"| FastMish / torch's Mish | {_fmtr(ratio(r.get('mish_fast_img_s'), r.get('mish_torch_img_s')))} |",
             f"| model only, self-attention as (X X^T)(W X) | {_fmt(r.get('sa_weight_input_img_s'))} |",
             f"| model only, self-attention as (X X^T W) X | {_fmt(r.get('sa_gram_weight_img_s'))} |",
-            f"| (X X^T W) X / (X X^T)(W X) | {_fmtr(ratio(r.get('sa_gram_weight_img_s'), r.get('sa_weight_input_img_s')))} |",
+            "| (X X^T W) X / (X X^T)(W X) | "
+            f"{_fmtr(ratio(r.get('sa_gram_weight_img_s'), r.get('sa_weight_input_img_s')))} |",
             "", "| writer, same folder and options (JPEG q90, max side 500) | img/s |", "|---|---|",
             f"| ffcv-imagenet write ({r['workers']} workers) | {_fmt(r.get('writer_img_s'))} |",
             f"| ffcv 1.0.2 DatasetWriter ({r['workers']} workers) | {_fmt(r.get('ffcv_writer_img_s'))} |"]
@@ -540,14 +546,16 @@ def parse_args(argv):
                    help="minimum timed seconds per loader configuration (default 8; --quick: 0.5)")
     p.add_argument("--arch", default=None, help="model for the training rates (default resnet50; --quick: resnet18)")
     p.add_argument("--model-res", type=int, default=None, help="model resolution (default: --res)")
-    p.add_argument("--model-batch", type=int, default=None, help="training batch (default 64 on CPU, 256 on CUDA; --quick: 8)")
+    p.add_argument("--model-batch", type=int, default=None,
+                   help="training batch (default 64 on CPU, 256 on CUDA; --quick: 8)")
     p.add_argument("--train-seconds", type=float, default=None,
                    help="minimum timed seconds for each training rate (default 20; --quick: 1)")
     p.add_argument("--restart-interval", type=int, default=None,
                    help="writer's restart interval for this toolkit's file (default: the writer's)")
     p.add_argument("--no-levers", action="store_true", help="skip the one-lever-at-a-time study")
     p.add_argument("--skip", default="", help="comma-separated parts to skip: " + ",".join(PARTS))
-    p.add_argument("--workdir", default=None, help="keep the images and .beton files here (default: a temp dir, removed)")
+    p.add_argument("--workdir", default=None,
+                   help="keep the images and .beton files here (default: a temp dir, removed)")
     p.add_argument("--json", default=None, help="write every rate, size and ratio to this JSON file")
     p.add_argument("--quick", action="store_true",
                    help="small, fast run (CI): 192 tiny-model images at 64 px, no lever study")
@@ -573,8 +581,6 @@ def parse_args(argv):
 
 
 def run(args, log=print) -> dict:
-    import torch
-
     from . import fastjpeg
     from .writer import RESTART_INTERVAL_DEFAULT
 
@@ -587,7 +593,7 @@ def run(args, log=print) -> dict:
               "machine": machine(), "workers": workers, "resolution": args.res,
               "batch_size": args.batch_size, "arch": args.arch,
               "model_resolution": args.model_res or args.res, "restart_interval": restart,
-              "decoder_levers": sorted(k for k, v in fastjpeg.LEVERS.items() if v & fastjpeg.DEFAULT_LEVERS),
+              "decoder_levers": sorted(k for k, v in fastjpeg.LEVERS.items() if v & fastjpeg.DEFAULT_FLAGS),
               "extra_resolutions": args.extra_res}
     try:
         folder = workdir / "images"
@@ -595,129 +601,163 @@ def run(args, log=print) -> dict:
             shutil.rmtree(folder)
         log(f"[bench] preparing {args.count} images in {folder}")
         result["images"] = prepare_images(folder, args.images, args.distinct, args.count)
-
-        ours, ffcv_jpg, raw50 = workdir / "ours.beton", workdir / "ffcv_jpg.beton", workdir / "ffcv_raw50.beton"
-        log("[bench] writing .beton files (ours: JPEG q90 + restart markers; ffcv: JPEG q90; ffcv: 50% raw)")
-        t_ours = write_ours(folder, ours, workers, restart)
-        t_ffcv = write_ffcv(folder, ffcv_jpg, workers)
-        write_ffcv(folder, raw50, workers, write_mode="proportion")
-        n = result["images"]["count"]
-        if "writer" not in args.skip:
-            result["writer_img_s"] = n / t_ours
-            result["ffcv_writer_img_s"] = n / t_ffcv
-        result["file_sizes"] = {name: {"file_bytes": os.path.getsize(p), "payload_bytes": payload_bytes(p)}
-                                for name, p in (("this toolkit (JPEG q90, restart markers)", ours),
-                                                ("ffcv, JPEG q90", ffcv_jpg),
-                                                ("ffcv, 50% raw (rn50 recipe)", raw50))}
-        sizes = list(result["file_sizes"].values())
-        result["restart_marker_overhead"] = sizes[0]["payload_bytes"] / sizes[1]["payload_bytes"] - 1
-        result["raw50_size_ratio"] = sizes[2]["file_bytes"] / sizes[0]["file_bytes"]
-
-        res, bs = args.res, args.batch_size
-        passes = [Pass("loader_1core_img_s", ours_loader(ours, res, bs, 1), "this toolkit, 1 worker"),
-                  Pass("ffcv_loader_1core_img_s", ffcv_loader(ours, res, bs, 1), "stock ffcv, same file, 1 worker"),
-                  Pass("ffcv_raw50_loader_1core_img_s", ffcv_loader(raw50, res, bs, 1), "stock ffcv, 50%-raw file, 1 worker")]
-        if workers > 1:
-            passes += [Pass("loader_img_s", ours_loader(ours, res, bs, workers), f"this toolkit, {workers} workers"),
-                       Pass("ffcv_loader_img_s", ffcv_loader(ours, res, bs, workers), f"stock ffcv, same file, {workers} workers"),
-                       Pass("ffcv_raw50_loader_img_s", ffcv_loader(raw50, res, bs, workers), f"stock ffcv, 50%-raw file, {workers} workers")]
-        if "torchvision" not in args.skip:
-            passes.append(Pass("torchvision_loader_1core_img_s", torchvision_loader(folder, res, bs, 1), "torchvision, 1 worker"))
-            if workers > 1:
-                passes.append(Pass("torchvision_loader_img_s", torchvision_loader(folder, res, bs, workers), f"torchvision, {workers} workers"))
-        if "dali" not in args.skip and dali_available():
-            passes.append(Pass("dali_loader_1core_img_s", dali_loader(folder, res, bs, 1), "DALI CPU, 1 thread"))
-            if workers > 1:
-                passes.append(Pass("dali_loader_img_s", dali_loader(folder, res, bs, workers), f"DALI CPU, {workers} threads"))
-        elif "dali" not in args.skip:
-            log("[bench] DALI: not installed (pip install 'ffcv-imagenet[dali]'); skipped")
-        log(f"[bench] loaders at {res} px, batch {bs}")
-        result.update(measure(passes, args.seconds, log=log))
+        files = write_files(args, folder, workdir, workers, restart, result, log)
+        result.update(measure(loader_passes(args, files, folder, workers, log), args.seconds, log=log))
         if workers == 1:
             for key in ("loader", "ffcv_loader", "ffcv_raw50_loader", "torchvision_loader", "dali_loader"):
                 if f"{key}_1core_img_s" in result:
                     result[f"{key}_img_s"] = result[f"{key}_1core_img_s"]
-        del passes
-
         if not args.no_levers:
             log("[bench] decoder levers, one at a time, 1 worker")
-            studies = [("none", 0), ("region", fastjpeg.REGION), ("splice", fastjpeg.SPLICE),
-                       ("scale", fastjpeg.SCALE | fastjpeg.POW2_SCALES), ("resize", fastjpeg.RESIZE),
-                       ("splice+region", fastjpeg.SPLICE | fastjpeg.REGION),
-                       ("splice+region+scale", fastjpeg.SPLICE | fastjpeg.REGION | fastjpeg.SCALE | fastjpeg.POW2_SCALES),
-                       ("all (default)", fastjpeg.DEFAULT_LEVERS)]
-            lever_passes = [Pass(name, ours_loader(ours, res, bs, 1, flags), f"crop-first: {name}") for name, flags in studies]
-            lever_passes.append(Pass("all (default), file without restart markers",
-                                     ours_loader(ffcv_jpg, res, bs, 1, fastjpeg.DEFAULT_LEVERS),
-                                     "crop-first: all, ffcv's JPEG file (no markers)"))
-            result["levers_1core_img_s"] = measure(lever_passes, args.seconds, log=log)
-            del lever_passes
-
+            result["levers_1core_img_s"] = measure(lever_passes(args, files), args.seconds, log=log)
         if args.extra_res:
             log(f"[bench] per-core rates at {', '.join(map(str, args.extra_res))} px")
-            extra = []
-            for r in args.extra_res:
-                extra += [Pass(f"loader_1core_img_s_{r}", ours_loader(ours, r, bs, 1), f"this toolkit, 1 worker, {r} px"),
-                          Pass(f"ffcv_loader_1core_img_s_{r}", ffcv_loader(ours, r, bs, 1), f"stock ffcv, 1 worker, {r} px")]
-            result.update(measure(extra, args.seconds, log=log))
-            del extra
-        per_core = {res: (result.get("ffcv_loader_1core_img_s"), result.get("loader_1core_img_s"))}
+            result.update(measure(extra_resolution_passes(args, files), args.seconds, log=log))
+        per_core = {args.res: (result.get("ffcv_loader_1core_img_s"), result.get("loader_1core_img_s"))}
         for r in args.extra_res:
             per_core[r] = (result.get(f"ffcv_loader_1core_img_s_{r}"), result.get(f"loader_1core_img_s_{r}"))
         result["projection"] = projection(per_core)
-
-        model_res = args.model_res or res
-        batch = args.model_batch or (256 if torch.cuda.is_available() else (8 if args.quick else 64))
-        if set(MODEL_PARTS) - args.skip:
-            result["model_batch"] = batch
-        if "training" not in args.skip:
-            log(f"[bench] training rates: {args.arch} @ {model_res} px, batch {batch}")
-            result["model_img_s"] = training_rate(args.arch, model_res, batch, args.train_seconds, log=log)
-            import torch as _t
-
-            from . import data
-
-            device = _t.device("cuda" if _t.cuda.is_available() else "cpu")
-            loader = data.create_train_loader(ours, batch_size=batch, resolution_px=model_res,
-                                              num_workers=workers, device=device,
-                                              torch_threads=_t.get_num_threads())
-            result["e2e_img_s"] = training_rate(args.arch, model_res, batch, args.train_seconds,
-                                                batches=loader, log=log)
-        if "precision" not in args.skip:
-            log(f"[bench] precision: fp32 against half precision, {args.arch} @ {model_res} px, batch {batch}")
-            precision = precision_rates(args.arch, model_res, batch, args.train_seconds, log=log)
-            result["precision_auto"] = precision.pop("auto")
-            for name, rate in precision.items():
-                result[f"precision_{name}_img_s"] = rate
-        if "mish" not in args.skip:
-            log(f"[bench] Mish: torch's kernel against FastMish, {args.arch} @ {model_res} px, batch {batch}")
-            result["mish_torch_img_s"], result["mish_fast_img_s"] = mish_rates(
-                args.arch, model_res, batch, args.train_seconds, log=log)
-        if "attention" not in args.skip:
-            log(f"[bench] self-attention: (X X^T)(W X) against (X X^T W) X, {args.arch} @ {model_res} px, "
-                f"batch {batch}")
-            result["sa_weight_input_img_s"], result["sa_gram_weight_img_s"] = attention_rates(
-                args.arch, model_res, batch, args.train_seconds, log=log)
+        result.update(model_rates(args, files["ours"], workers, log))
     finally:
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
-    result["ratios"] = {
-        "this_over_ffcv_same_file_1core": ratio(result.get("loader_1core_img_s"), result.get("ffcv_loader_1core_img_s")),
-        "this_over_ffcv_same_file": ratio(result.get("loader_img_s"), result.get("ffcv_loader_img_s")),
-        "this_over_ffcv_raw50_1core": ratio(result.get("loader_1core_img_s"), result.get("ffcv_raw50_loader_1core_img_s")),
-        "this_over_ffcv_raw50": ratio(result.get("loader_img_s"), result.get("ffcv_raw50_loader_img_s")),
-        "this_over_torchvision": ratio(result.get("loader_img_s"), result.get("torchvision_loader_img_s")),
-        "e2e_over_model": ratio(result.get("e2e_img_s"), result.get("model_img_s")),
-        "half_over_fp32": ratio(result.get("precision_bf16_img_s", result.get("precision_fp16_img_s")),
-                                result.get("precision_fp32_img_s")),
-        "fast_mish_over_torch_mish": ratio(result.get("mish_fast_img_s"), result.get("mish_torch_img_s")),
-        "sa_gram_weight_over_weight_input": ratio(result.get("sa_gram_weight_img_s"),
-                                                  result.get("sa_weight_input_img_s")),
-    }
-    for r in args.extra_res:
-        result["ratios"][f"this_over_ffcv_same_file_1core_{r}"] = ratio(
-            result.get(f"loader_1core_img_s_{r}"), result.get(f"ffcv_loader_1core_img_s_{r}"))
+    result["ratios"] = ratios(result, args.extra_res)
     return result
+
+
+def write_files(args, folder: Path, workdir: Path, workers: int, restart: int, result: dict,
+                log) -> dict:
+    """The three .beton files the loaders read (ours; ffcv's JPEG; ffcv's 50% raw), with the
+    writers' rates and the files' sizes into `result`; returns their paths by name."""
+    files = {"ours": workdir / "ours.beton", "ffcv_jpg": workdir / "ffcv_jpg.beton",
+             "raw50": workdir / "ffcv_raw50.beton"}
+    log("[bench] writing .beton files (ours: JPEG q90 + restart markers; ffcv: JPEG q90; ffcv: 50% raw)")
+    t_ours = write_ours(folder, files["ours"], workers, restart)
+    t_ffcv = write_ffcv(folder, files["ffcv_jpg"], workers)
+    write_ffcv(folder, files["raw50"], workers, write_mode="proportion")
+    n = result["images"]["count"]
+    if "writer" not in args.skip:
+        result["writer_img_s"] = n / t_ours
+        result["ffcv_writer_img_s"] = n / t_ffcv
+    result["file_sizes"] = {name: {"file_bytes": os.path.getsize(p), "payload_bytes": payload_bytes(p)}
+                            for name, p in (("this toolkit (JPEG q90, restart markers)", files["ours"]),
+                                            ("ffcv, JPEG q90", files["ffcv_jpg"]),
+                                            ("ffcv, 50% raw (rn50 recipe)", files["raw50"]))}
+    sizes = list(result["file_sizes"].values())
+    result["restart_marker_overhead"] = sizes[0]["payload_bytes"] / sizes[1]["payload_bytes"] - 1
+    result["raw50_size_ratio"] = sizes[2]["file_bytes"] / sizes[0]["file_bytes"]
+    return files
+
+
+def loader_passes(args, files: dict, folder: Path, workers: int, log) -> list:
+    """The loaders compared at args.res: ours and stock ffcv on the same file and ffcv on its
+    50%-raw file (on 1 worker, then on `workers`), then torchvision and DALI on the JPEG folder
+    (each on 1, then on `workers`)."""
+    res, bs = args.res, args.batch_size
+    ours, raw50 = files["ours"], files["raw50"]
+    counts = (1, workers) if workers > 1 else (1,)
+
+    def passes_of(key, make, label, n, unit="worker"):
+        return Pass(key.replace("_img_s", "_1core_img_s") if n == 1 else key, make(n),
+                    f"{label}, {n} {unit}{'s' if n > 1 else ''}")
+
+    betons = [("loader_img_s", lambda n: ours_loader(ours, res, bs, n), "this toolkit"),
+              ("ffcv_loader_img_s", lambda n: ffcv_loader(ours, res, bs, n), "stock ffcv, same file"),
+              ("ffcv_raw50_loader_img_s", lambda n: ffcv_loader(raw50, res, bs, n), "stock ffcv, 50%-raw file")]
+    passes = [passes_of(*kind, n) for n in counts for kind in betons]
+    if "torchvision" not in args.skip:
+        make = lambda n: torchvision_loader(folder, res, bs, n)  # noqa: E731
+        passes += [passes_of("torchvision_loader_img_s", make, "torchvision", n) for n in counts]
+    if "dali" not in args.skip and dali_available():
+        make = lambda n: dali_loader(folder, res, bs, n)  # noqa: E731
+        passes += [passes_of("dali_loader_img_s", make, "DALI CPU", n, unit="thread") for n in counts]
+    elif "dali" not in args.skip:
+        log("[bench] DALI: not installed (pip install 'ffcv-imagenet[dali]'); skipped")
+    log(f"[bench] loaders at {res} px, batch {bs}")
+    return passes
+
+
+def lever_passes(args, files: dict) -> list:
+    """The crop-first decoder with its levers one at a time and together, 1 worker."""
+    from . import fastjpeg
+
+    res, bs, ours = args.res, args.batch_size, files["ours"]
+    studies = [("none", 0), ("region", fastjpeg.REGION), ("splice", fastjpeg.SPLICE),
+               ("scale", fastjpeg.SCALE | fastjpeg.SCALE_POW2_ONLY), ("resize", fastjpeg.RESIZE),
+               ("splice+region", fastjpeg.SPLICE | fastjpeg.REGION),
+               ("splice+region+scale", fastjpeg.SPLICE | fastjpeg.REGION | fastjpeg.SCALE | fastjpeg.SCALE_POW2_ONLY),
+               ("all (default)", fastjpeg.DEFAULT_FLAGS)]
+    passes = [Pass(name, ours_loader(ours, res, bs, 1, flags), f"crop-first: {name}") for name, flags in studies]
+    passes.append(Pass("all (default), file without restart markers",
+                       ours_loader(files["ffcv_jpg"], res, bs, 1, fastjpeg.DEFAULT_FLAGS),
+                       "crop-first: all, ffcv's JPEG file (no markers)"))
+    return passes
+
+
+def extra_resolution_passes(args, files: dict) -> list:
+    """Ours and stock ffcv per core at each of args.extra_res."""
+    passes, ours, bs = [], files["ours"], args.batch_size
+    for r in args.extra_res:
+        passes += [Pass(f"loader_1core_img_s_{r}", ours_loader(ours, r, bs, 1), f"this toolkit, 1 worker, {r} px"),
+                   Pass(f"ffcv_loader_1core_img_s_{r}", ffcv_loader(ours, r, bs, 1), f"stock ffcv, 1 worker, {r} px")]
+    return passes
+
+
+def model_rates(args, ours: Path, workers: int, log) -> dict:
+    """Training rates of args.arch: model only and end to end from our loader, fp32 against half
+    precision, FastMish, the self-attention orders (each unless in args.skip)."""
+    import torch
+
+    from . import data
+
+    model_res = args.model_res or args.res
+    batch = args.model_batch or (256 if torch.cuda.is_available() else (8 if args.quick else 64))
+    out = {"model_batch": batch} if set(MODEL_PARTS) - args.skip else {}
+    what = f"{args.arch} @ {model_res} px, batch {batch}"
+    if "training" not in args.skip:
+        log(f"[bench] training rates: {what}")
+        out["model_img_s"] = training_rate(args.arch, model_res, batch, args.train_seconds, log=log)
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        loader = data.create_train_loader(ours, batch_size=batch, resolution_px=model_res,
+                                          num_workers=workers, device=device,
+                                          torch_threads=torch.get_num_threads())
+        out["e2e_img_s"] = training_rate(args.arch, model_res, batch, args.train_seconds,
+                                         batches=loader, log=log)
+    if "precision" not in args.skip:
+        log(f"[bench] precision: fp32 against half precision, {what}")
+        precision = precision_rates(args.arch, model_res, batch, args.train_seconds, log=log)
+        out["precision_auto"] = precision.pop("auto")
+        out.update({f"precision_{name}_img_s": rate for name, rate in precision.items()})
+    if "mish" not in args.skip:
+        log(f"[bench] Mish: torch's kernel against FastMish, {what}")
+        out["mish_torch_img_s"], out["mish_fast_img_s"] = mish_rates(
+            args.arch, model_res, batch, args.train_seconds, log=log)
+    if "attention" not in args.skip:
+        log(f"[bench] self-attention: (X X^T)(W X) against (X X^T W) X, {what}")
+        out["sa_weight_input_img_s"], out["sa_gram_weight_img_s"] = attention_rates(
+            args.arch, model_res, batch, args.train_seconds, log=log)
+    return out
+
+
+def ratios(result: dict, extra_res) -> dict:
+    """The ratios the README reports, each of two rates taken in this one run."""
+    get = result.get
+    out = {
+        "this_over_ffcv_same_file_1core": ratio(get("loader_1core_img_s"), get("ffcv_loader_1core_img_s")),
+        "this_over_ffcv_same_file": ratio(get("loader_img_s"), get("ffcv_loader_img_s")),
+        "this_over_ffcv_raw50_1core": ratio(get("loader_1core_img_s"), get("ffcv_raw50_loader_1core_img_s")),
+        "this_over_ffcv_raw50": ratio(get("loader_img_s"), get("ffcv_raw50_loader_img_s")),
+        "this_over_torchvision": ratio(get("loader_img_s"), get("torchvision_loader_img_s")),
+        "e2e_over_model": ratio(get("e2e_img_s"), get("model_img_s")),
+        "half_over_fp32": ratio(get("precision_bf16_img_s", get("precision_fp16_img_s")),
+                                get("precision_fp32_img_s")),
+        "fast_mish_over_torch_mish": ratio(get("mish_fast_img_s"), get("mish_torch_img_s")),
+        "sa_gram_weight_over_weight_input": ratio(get("sa_gram_weight_img_s"), get("sa_weight_input_img_s")),
+    }
+    for r in extra_res:
+        out[f"this_over_ffcv_same_file_1core_{r}"] = ratio(
+            get(f"loader_1core_img_s_{r}"), get(f"ffcv_loader_1core_img_s_{r}"))
+    return out
 
 
 def main(argv=None) -> int:

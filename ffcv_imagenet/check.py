@@ -202,18 +202,17 @@ def training_steps(device, precision: str, batches: list, steps: int) -> tuple:
 
     from .models import create_model
     from .optim import create_optimizer
-    from .train import train_one_epoch
+    from .train import Trainer, train_one_epoch
 
     torch.manual_seed(0)
     model = create_model(CORRECTNESS_ARCH, num_classes=10).to(
         device, memory_format=torch.channels_last)
     optimizer = create_optimizer(model, name="sgd", lr=0.05, momentum=0.9, weight_decay=5e-5)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    trainer = Trainer(model, optimizer, device, precision)
     losses = []
     for step in range(steps):
-        out = train_one_epoch(model, [batches[step % len(batches)]], optimizer, scaler, epoch=0,
-                              steps_per_epoch=1, accum_steps=1, lr_fn=lambda e: 0.05,
-                              device=device, precision=precision)
+        out = train_one_epoch(trainer, [batches[step % len(batches)]], epoch=0, steps_per_epoch=1,
+                              lr_fn=lambda e: 0.05)
         losses.append(out["train_loss"])
     # one pass over the batches at the start and at the end, so that batch differences cancel
     k = len(batches)
@@ -523,10 +522,10 @@ def plan(preset: Path, speed_result: dict, train_beton: "Path | None") -> tuple:
     and whether the train file fits in RAM for data.in_memory=1."""
     import psutil
 
-    from .schedules import resolution_at
+    from .schedules import resolution_from_config
 
     cfg = preset_config(preset)
-    res_cfg, epochs = cfg["resolution"], cfg["training"]["epochs"]
+    epochs = cfg["training"]["epochs"]
     model_rates = best_mode(speed_result.get("model", {}))
     per_core = speed_result.get("loader_1core_img_s", {})
     if not model_rates or not per_core:
@@ -537,8 +536,7 @@ def plan(preset: Path, speed_result: dict, train_beton: "Path | None") -> tuple:
     cores = speed_result["loader_workers"]
     rows, total_s = [], 0.0
     for epoch in range(epochs):
-        res = resolution_at(epoch, min_res=res_cfg["min_res"], max_res=res_cfg["max_res"],
-                            start_ramp=res_cfg["start_ramp"], end_ramp=res_cfg["end_ramp"])
+        res = resolution_from_config(epoch, cfg)
         model, core = nearest_rate(model_rates, res), nearest_rate(per_core, res)
         rate = min(model, core * cores)
         total_s += images / rate

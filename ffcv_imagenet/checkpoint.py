@@ -74,9 +74,13 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     return checkpoint
 
 
-def model_state(model) -> dict:
-    """state_dict of the model under DDP / torch.compile wrappers."""
+def unwrap(model):
+    """The module under DDP / torch.compile wrappers (in either order)."""
     model = getattr(model, "_orig_mod", model)
     model = getattr(model, "module", model)
-    model = getattr(model, "_orig_mod", model)
-    return model.state_dict()
+    return getattr(model, "_orig_mod", model)
+
+
+def model_state(model) -> dict:
+    """state_dict of the model under DDP / torch.compile wrappers."""
+    return unwrap(model).state_dict()

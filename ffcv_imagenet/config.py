@@ -151,7 +151,13 @@ def _range_help(low, high):
 # --------------------------------------------------------------------------- declaration
 
 def declare() -> Config:
-    """Declare every section and key on a fresh fastargs Config (no global state)."""
+    """Declare every section and key on a fresh fastargs Config (no global state). Choice lists
+    come from the modules that implement the choices."""
+    from ffcv_imagenet.data import DECODERS
+    from ffcv_imagenet.models import ACTIVATIONS, STEM_POOLS
+    from ffcv_imagenet.optim import OPTIMIZERS
+    from ffcv_imagenet.schedules import SCHEDULE_ALIASES, SCHEDULES
+
     config = Config()
 
     def section(name, desc, **params):
@@ -163,14 +169,14 @@ def declare() -> Config:
         val_dataset=Param(StrictStr(), "val .beton (same class list as train)", default=""),
         num_workers=Param(StrictInt(min=0), "decoding threads per process; 0 = CPU cores / processes on the node", default=0),
         in_memory=Param(StrictBool(), "os_cache: keep the file in the page cache (needs the RAM for it)", default=True),
-        decoder=Param(Choice("crop_first", "ffcv"), "train JPEG decoder: crop_first decodes only what the crop box needs (fastest, same boxes); ffcv = stock RandomResizedCrop", default="crop_first"),
+        decoder=Param(Choice(*DECODERS), "train JPEG decoder: crop_first decodes only what the crop box needs (fastest, same boxes); ffcv = stock RandomResizedCrop", default="crop_first"),
         order=Param(Choice("random", "quasi_random"), "train sample order; quasi_random reads pages in near-sequence (for files larger than RAM)", default="random"),
     )
     section(
         "lr", "learning rate and its schedule (updated every iteration)",
         lr=Param(StrictFloat(min=0, min_exclusive=True), "peak lr (lr_scaling=none) or peak lr per 256 images (lr_scaling=linear)", default=0.5),
         lr_scaling=Param(Choice("none", "linear"), "none: lr.lr is the peak lr; linear: peak = lr.lr x global batch / 256", default="none"),
-        lr_schedule_type=Param(Choice("triangular", "step", "step_warmup", "cosine", "flat_cos", "cyclic"), "schedule shape (cyclic = triangular, ffcv-imagenet's name)", default="triangular"),
+        lr_schedule_type=Param(Choice(*SCHEDULES, *SCHEDULE_ALIASES), "schedule shape (cyclic = triangular, ffcv-imagenet's name)", default="triangular"),
         lr_peak_epoch=Param(StrictFloat(min=0), "triangular: epoch of the peak", default=2.0),
         step_ratio=Param(StrictFloat(min=0, max=1), "step/step_warmup: lr multiplier at each step", default=0.1),
         step_length=Param(StrictInt(min=1), "step: epochs between steps", default=30),
@@ -191,7 +197,7 @@ def declare() -> Config:
         epochs=Param(StrictInt(min=1), "number of epochs", default=16),
         batch_size=Param(StrictInt(min=1), "images per GPU (per process) per micro-batch", default=512),
         global_batch_size=Param(StrictInt(min=0), "images per optimizer step, all processes; 0 = batch_size x world size", default=0),
-        optimizer=Param(Choice("sgd", "adamw", "radam", "lamb"), "optimizer (radam: decoupled weight decay; + lookahead_steps 6 = fast.ai's Ranger)", default="sgd"),
+        optimizer=Param(Choice(*OPTIMIZERS), "optimizer (radam: decoupled weight decay; + lookahead_steps 6 = fast.ai's Ranger)", default="sgd"),
         momentum=Param(StrictFloat(min=0, max=1), "SGD momentum", default=0.9),
         nesterov=Param(StrictBool(), "Nesterov momentum", default=False),
         adam_beta1=Param(StrictFloat(min=0, max=1), "adamw/radam/lamb: first-moment decay", default=0.9),
@@ -204,7 +210,7 @@ def declare() -> Config:
         label_smoothing=Param(StrictFloat(min=0, max=1), "label smoothing", default=0.1),
         use_blurpool=Param(StrictBool(), "BlurPool before strided convs", default=True),
         mixup_alpha=Param(StrictFloat(min=0), "mixup Beta(alpha, alpha); 0 = off", default=0.0),
-        precision=Param(Choice("auto", "fp16", "bf16", "fp32"), "auto = fp16 (+GradScaler) on CUDA; on CPU bf16 where it is native (AVX-512), else fp32", default="auto"),
+        precision=Param(Choice("auto", "fp16", "bf16", "fp32"), "auto = bf16 on CUDA GPUs that run it natively (Ampere and later), else fp16 + GradScaler; on CPU bf16 where it is native (AVX-512), else fp32", default="auto"),
         channels_last=Param(StrictBool(), "channels-last memory format", default=True),
         compile=Param(StrictBool(), "torch.compile the model", default=False),
         sync_bn=Param(StrictBool(), "SyncBatchNorm across processes", default=False),
@@ -244,8 +250,8 @@ def declare() -> Config:
         "model", "network",
         arch=Param(StrictStr(), "torchvision classification arch", default="resnet50"),
         resnet_d=Param(StrictBool(), "ResNet-D tweak (deep stem, avg-pool shortcut)", default=False),
-        activation=Param(Choice("relu", "mish", "silu"), "activation of every ReLU in the network (mish: Misra 2019; silu = swish, Ramachandran et al. 2017)", default="relu"),
-        stem_pool=Param(Choice("max", "maxblur"), "ResNet stem pooling: max (3x3, stride 2) or maxblur (max stride 1, then a stride-2 binomial blur; Zhang 2019)", default="max"),
+        activation=Param(Choice(*ACTIVATIONS), "activation of every ReLU in the network (mish: Misra 2019; silu = swish, Ramachandran et al. 2017)", default="relu"),
+        stem_pool=Param(Choice(*STEM_POOLS), "ResNet stem pooling: max (3x3, stride 2) or maxblur (max stride 1, then a stride-2 binomial blur; Zhang 2019)", default="max"),
         self_attention=Param(StrictBool(), "ResNet: SimpleSelfAttention (Grankin 2019) on the residual branch of the first stage's last block", default=False),
         zero_init_residual=Param(StrictBool(), "zero-init the last BN gamma of each residual block", default=True),
         xavier_init=Param(StrictBool(), "Xavier init of convs and linear layers", default=False),
@@ -473,15 +479,11 @@ def check_consistency(cfg: dict) -> None:
 def check_schedule(cfg: dict) -> None:
     """Ask the schedule itself whether its keys fit the run (lr.lr_peak_epoch <= training.epochs,
     increasing milestones, ...), so that a bad pair fails at load time, not at the first step."""
-    from ffcv_imagenet.schedules import lr_at
+    from ffcv_imagenet.schedules import lr_from_config
 
     lr, epochs = cfg["lr"], cfg["training"]["epochs"]
     try:
-        lr_at(0.0, schedule=lr["lr_schedule_type"], peak_lr=lr["lr"], epochs=epochs,
-              warmup_epochs=lr["warmup_epochs"], lr_peak_epoch=lr["lr_peak_epoch"],
-              step_ratio=lr["step_ratio"], step_length=lr["step_length"],
-              milestones=tuple(lr["milestones"]), end_lr_ratio=lr["end_lr_ratio"],
-              flat_fraction=lr["flat_fraction"])
+        lr_from_config(0.0, cfg, peak_lr=lr["lr"])
     except ValueError as e:
         raise ConfigError(f"lr.lr_schedule_type={lr['lr_schedule_type']} with training.epochs={epochs}: "
                           f"{e} (keys of section 'lr')") from None

@@ -46,7 +46,7 @@ from ffcv.transforms import ToDevice, ToTensor, ToTorchImage
 from ffcv.traversal_order.base import TraversalOrder
 from ffcv.traversal_order.quasi_random import QuasiRandom
 
-from .fastjpeg import DEFAULT_LEVERS, CropFirstRandomResizedCrop
+from .fastjpeg import DEFAULT_FLAGS, CropFirstRandomResizedCrop
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # RGB, on [0, 1]
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -137,12 +137,12 @@ def train_decoder(resolution_px: int, scale, ratio, *, seed: int = 0, determinis
 
     kind="crop_first": our CropFirstRandomResizedCrop (fastjpeg.py): same crop boxes as ffcv's,
     drawn before decoding, and only the box's part of each JPEG decoded (`levers`: flags from
-    fastjpeg, default DEFAULT_LEVERS). kind="ffcv": ffcv's RandomResizedCropRGBImageDecoder.
+    fastjpeg, default DEFAULT_FLAGS). kind="ffcv": ffcv's RandomResizedCropRGBImageDecoder.
     Deterministic runs get the seeded variant of either.
     """
     size, scale, ratio = (resolution_px, resolution_px), tuple(scale), tuple(ratio)
     if kind == "crop_first":
-        flags = DEFAULT_LEVERS if levers is None else levers
+        flags = DEFAULT_FLAGS if levers is None else levers
         if deterministic:
             return SeededCropFirst(size, scale=scale, ratio=ratio, flags=flags, seed=seed)
         return CropFirstRandomResizedCrop(size, scale=scale, ratio=ratio, flags=flags)

@@ -34,10 +34,14 @@ from ffcv.pipeline.compiler import Compiler
 
 from . import _jpegcrop
 
-SPLICE, SCALE, REGION, POW2_SCALES, RESIZE = 1, 2, 4, 8, 16
-ALL_LEVERS = SPLICE | SCALE | REGION | RESIZE
-DEFAULT_LEVERS = ALL_LEVERS | POW2_SCALES  # the train decoder, unless told otherwise
+# The bits of `flags`. SPLICE, SCALE, REGION and SCALE_POW2_ONLY are read by the C decoder, whose
+# JC_* defines must hold the same values (tests/test_fastjpeg.py reads _jpegcrop.c and checks);
+# RESIZE is read here only. SCALE_POW2_ONLY is not a lever but a restriction of SCALE: the IDCT
+# scale is one of 1/8, 2/8, 4/8, 8/8 (libjpeg-turbo's fast paths) instead of any M/8.
+SPLICE, SCALE, REGION, SCALE_POW2_ONLY, RESIZE = 1, 2, 4, 8, 16
 LEVERS = {"splice": SPLICE, "scale": SCALE, "region": REGION, "resize": RESIZE}
+ALL_LEVERS = SPLICE | SCALE | REGION | RESIZE  # every lever, the IDCT at any scale M/8
+DEFAULT_FLAGS = ALL_LEVERS | SCALE_POW2_ONLY  # the train decoder's, unless told otherwise
 
 _lib = ctypes.CDLL(_jpegcrop.__file__)
 _c_decode_crop = _lib.jc_decode_crop

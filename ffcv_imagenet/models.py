@@ -416,15 +416,16 @@ def create_model(arch: str, *, num_classes: int = 1000, zero_init_residual: bool
         apply_blurpool(model, padding_mode=blurpool_padding_mode)
     if activation != "relu":
         replace_activation(model, activation)
+    if stem_pool not in STEM_POOLS:
+        raise ValueError(f"stem_pool must be one of {STEM_POOLS}, got {stem_pool!r}")
     if stem_pool == "maxblur":
         apply_max_blur_pool(model)
-    elif stem_pool != "max":
-        raise ValueError(f"stem_pool must be 'max' or 'maxblur', got {stem_pool!r}")
     if self_attention:
         apply_self_attention(model)
     return model
 
 
+STEM_POOLS = ("max", "maxblur")  # create_model's stem_pool
 ACTIVATIONS = {"relu": torch.nn.ReLU, "mish": FastMish, "silu": torch.nn.SiLU}
 
 

@@ -132,41 +132,52 @@ def _lookup(params: dict, dotted: str):
 
 
 def load_run(folder: Path) -> Run:
-    """Parse `folder/log.jsonl` (and params.json when present) into a Run."""
+    """Parse `folder/log.jsonl` (and params.json, env.json when present) into a Run."""
     run = Run(folder=folder)
-    params_path = folder / "params.json"
-    if params_path.exists():
-        try:
-            params = json.loads(params_path.read_text())
-        except json.JSONDecodeError as e:
-            params = {}
-            run.problems.append(f"params.json unreadable ({e})")
-        epochs = _lookup(params, "training.epochs")
-        run.planned_epochs = int(epochs) if epochs is not None else None
-        every = _lookup(params, "validation.every_n_epochs")
-        run.val_every = int(every) if isinstance(every, int) and every >= 1 else 1
-        preset = _lookup(params, "config_file") or _lookup(params, "preset")
-        if preset:
-            run.preset = Path(str(preset)).stem
-        precision = _lookup(params, "derived.precision")
-        run.precision = str(precision) if precision else None
-        argv = _lookup(params, "argv")
-        if isinstance(argv, list):
-            run.command = _train_command(argv)
-    else:
-        run.problems.append("no params.json")
+    _read_params(run, folder / "params.json")
     env_path = folder / "env.json"
     if env_path.exists():
         try:
             run.machine = describe_machine(json.loads(env_path.read_text()))
         except (json.JSONDecodeError, AttributeError) as e:
             run.problems.append(f"env.json unreadable ({e})")
+    launches = _read_log(run, folder / "log.jsonl")
+    _read_launches(run, launches)
+    _record_gaps(run, stopped=launches["stopped"])
+    return run
 
-    by_epoch = {}
-    stopped = False  # whether the last launch ended itself at training.stop_after_s
-    precisions = []  # of the launches, from their start lines, in order
-    launch_argvs = []  # likewise (logs written before start lines carried argv have none)
-    for line_no, line in enumerate((folder / "log.jsonl").read_text().splitlines(), start=1):
+
+def _read_params(run: Run, path: Path) -> None:
+    """Planned epochs, validation interval, preset, precision and command from params.json."""
+    if not path.exists():
+        run.problems.append("no params.json")
+        return
+    try:
+        params = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        params = {}
+        run.problems.append(f"params.json unreadable ({e})")
+    epochs = _lookup(params, "training.epochs")
+    run.planned_epochs = int(epochs) if epochs is not None else None
+    every = _lookup(params, "validation.every_n_epochs")
+    run.val_every = int(every) if isinstance(every, int) and every >= 1 else 1
+    preset = _lookup(params, "config_file") or _lookup(params, "preset")
+    if preset:
+        run.preset = Path(str(preset)).stem
+    precision = _lookup(params, "derived.precision")
+    run.precision = str(precision) if precision else None
+    argv = _lookup(params, "argv")
+    if isinstance(argv, list):
+        run.command = _train_command(argv)
+
+
+def _read_log(run: Run, path: Path) -> dict:
+    """The log's epochs (the last line of each), summary and first start-up into `run`; returns
+    what the launches' start lines say: {"precisions", "argvs" (in order; logs written before
+    start lines carried argv have none), "stopped" (whether the last launch ended itself at
+    training.stop_after_s)}."""
+    by_epoch, launches = {}, {"precisions": [], "argvs": [], "stopped": False}
+    for line_no, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -175,19 +186,9 @@ def load_run(folder: Path) -> Run:
             run.problems.append(f"log.jsonl line {line_no} is not JSON (cut off while writing?)")
             continue
         kind = record.get("type", "epoch" if "epoch" in record else None)
-        stopped = kind == "stopped" or (stopped and kind not in ("start", "epoch"))
+        launches["stopped"] = kind == "stopped" or (launches["stopped"] and kind not in ("start", "epoch"))
         if kind == "start":
-            if run.startup_s is None:  # the first launch's
-                run.startup_s = record.get("startup_s")
-                run.date = str(record.get("time") or "?")[:10]
-            elif record.get("startup_s") is not None:  # a session that resumed the run
-                run.restarts.append((record.get("resumed_from_epoch"), record["startup_s"]))
-            if isinstance(record.get("argv"), list):
-                launch_argvs.append([str(a) for a in record["argv"]])
-            if record.get("precision") and record["precision"] not in precisions:
-                precisions.append(record["precision"])
-            run.world_size = record.get("world_size", run.world_size)
-            run.device = record.get("device", run.device) or run.device
+            _read_start(run, record, launches)
         elif kind == "epoch":
             by_epoch[record.get("epoch")] = record  # a resumed run rewrites an epoch: keep the last
         elif kind == "summary":
@@ -197,21 +198,43 @@ def load_run(folder: Path) -> Run:
             if run.startup_s is None:
                 run.startup_s = record.get("startup_s")
     run.epochs = [by_epoch[k] for k in sorted(by_epoch, key=lambda e: (e is None, e))]
+    return launches
 
-    if launch_argvs:  # the command that started the run, and what its resumes added
-        run.command = _train_command(launch_argvs[0])
-        run.resumed_with = [[a for a in argv if a not in launch_argvs[0]] for argv in launch_argvs[1:]]
-        first = _cli_values(launch_argvs[0])
-        later = [_cli_values(argv) for argv in launch_argvs[1:]]
+
+def _read_start(run: Run, record: dict, launches: dict) -> None:
+    if run.startup_s is None:  # the first launch's
+        run.startup_s = record.get("startup_s")
+        run.date = str(record.get("time") or "?")[:10]
+    elif record.get("startup_s") is not None:  # a session that resumed the run
+        run.restarts.append((record.get("resumed_from_epoch"), record["startup_s"]))
+    if isinstance(record.get("argv"), list):
+        launches["argvs"].append([str(a) for a in record["argv"]])
+    if record.get("precision") and record["precision"] not in launches["precisions"]:
+        launches["precisions"].append(record["precision"])
+    run.world_size = record.get("world_size", run.world_size)
+    run.device = record.get("device", run.device) or run.device
+
+
+def _read_launches(run: Run, launches: dict) -> None:
+    """The command that started the run, what its resumes added and dropped, and the precision
+    (or precisions, when a resume on another machine changed it)."""
+    argvs, precisions = launches["argvs"], launches["precisions"]
+    if argvs:
+        run.command = _train_command(argvs[0])
+        run.resumed_with = [[a for a in argv if a not in argvs[0]] for argv in argvs[1:]]
+        first = _cli_values(argvs[0])
+        later = [_cli_values(argv) for argv in argvs[1:]]
         run.resumed_without = list(dict.fromkeys(
             f"--{name}={value}" for values in later for name, value in first.items() if name not in values))
-
     if len(precisions) > 1:  # resumed on a machine where precision=auto picked another one
         run.precision = "+".join(precisions)
         run.problems.append("precision changed between launches: " + " -> ".join(precisions))
     elif precisions and run.precision is None:
         run.precision = precisions[0]
 
+
+def _record_gaps(run: Run, *, stopped: bool) -> None:
+    """Missing fields (validation ones only where the run validated), start-up, epochs."""
     missing = {k for rec in run.epochs for k in EPOCH_FIELDS if rec.get(k) is None}
     numbered = [rec["epoch"] for rec in run.epochs if isinstance(rec.get("epoch"), int)]
     planned = run.planned_epochs if run.planned_epochs is not None else max(numbered, default=-1) + 1
@@ -228,7 +251,6 @@ def load_run(folder: Path) -> Run:
         planned = run.planned_epochs if run.planned_epochs is not None else "?"
         run.problems.insert(0, f"incomplete {len(run.epochs)}/{planned} epochs"
                                + (", stopped by training.stop_after_s" if stopped else ""))
-    return run
 
 
 def _cli_values(argv) -> dict:

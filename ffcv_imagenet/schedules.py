@@ -192,3 +192,23 @@ def resolution_at(epoch: int, *, min_res: int, max_res: int, start_ramp: int, en
     res = _interp(epoch, (start_ramp, end_ramp), (min_res, max_res))
     rounded = int(round(res / multiple)) * multiple  # Python's round() is half-to-even too
     return int(min(max(rounded, min_res), max_res))
+
+
+# --------------------------------------------------------------------------- from a run's config
+
+def lr_from_config(epoch: float, cfg: dict, peak_lr: float) -> float:
+    """`lr_at` with the schedule's keys read from a loaded config (section `lr`, and
+    training.epochs); `peak_lr` is already scaled to the global batch."""
+    lr = cfg["lr"]
+    return lr_at(epoch, schedule=lr["lr_schedule_type"], peak_lr=peak_lr,
+                 epochs=cfg["training"]["epochs"], warmup_epochs=lr["warmup_epochs"],
+                 lr_peak_epoch=lr["lr_peak_epoch"], step_ratio=lr["step_ratio"],
+                 step_length=lr["step_length"], milestones=tuple(lr["milestones"]),
+                 end_lr_ratio=lr["end_lr_ratio"], flat_fraction=lr["flat_fraction"])
+
+
+def resolution_from_config(epoch: int, cfg: dict) -> int:
+    """`resolution_at` with the ramp read from a loaded config (section `resolution`)."""
+    res = cfg["resolution"]
+    return resolution_at(epoch, min_res=res["min_res"], max_res=res["max_res"],
+                         start_ramp=res["start_ramp"], end_ramp=res["end_ramp"])

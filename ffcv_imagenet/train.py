@@ -26,6 +26,7 @@ import random
 import signal
 import sys
 import time
+from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 import torch
@@ -38,7 +39,7 @@ from ffcv_imagenet.config import load_config
 from ffcv_imagenet.data import create_train_loader, create_val_loader, prepare_batch
 from ffcv_imagenet.logger import RunLogger, environment
 from ffcv_imagenet.metadata import check_same_classes, read_metadata
-from ffcv_imagenet.schedules import lr_at, resolution_at, validation_passes
+from ffcv_imagenet.schedules import lr_from_config, resolution_from_config, validation_passes
 
 # Test hook: "EPOCH:STEP" makes rank 0 (or "EPOCH:STEP:RANK": that rank) SIGKILL itself after
 # optimizer step STEP (1-based) of EPOCH (0-based), to test resume after a hard kill in the middle
@@ -201,91 +202,132 @@ def autocast_context(device: torch.device, precision: str):
 
 # --------------------------------------------------------------------------- one pass each
 
-def compute_loss(model, images, labels, *, label_smoothing=0.0, mixup_alpha=0.0, num_classes=None,
-                 teacher=None, distill_temperature=4.0, distill_weight=0.5, generator=None):
+@dataclass(frozen=True)
+class LossOptions:
+    """What the training loss is made of: cross-entropy with label smoothing, mixup's soft
+    targets (`mixup_alpha` > 0, over `num_classes`), and distillation from `teacher`."""
+    label_smoothing: float = 0.0
+    mixup_alpha: float = 0.0
+    num_classes: "int | None" = None
+    teacher: "torch.nn.Module | None" = None
+    distill_temperature: float = 4.0
+    distill_weight: float = 0.5
+
+
+@dataclass
+class Trainer:
+    """What an optimizer step needs, fixed for a run: the model (DDP- and compile-wrapped as it
+    will be called), its optimizer, the GradScaler (default: enabled for fp16 only), an optional
+    weight average updated after each step, and the loss and batch augmentations."""
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    device: torch.device
+    precision: str
+    accum_steps: int = 1
+    scaler: "torch.amp.GradScaler | None" = None
+    ema: object = None
+    loss: LossOptions = field(default_factory=LossOptions)
+    color_jitter: float = 0.0
+    pca_lighting: float = 0.0
+
+    def __post_init__(self):
+        if self.scaler is None:
+            self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+
+
+@dataclass
+class EpochHooks:
+    """Optional callbacks of a training pass: a progress bar, `on_first_batch()` when the first
+    batch arrives, `on_step(n)` after optimizer step n (1-based)."""
+    progress: bool = False
+    on_first_batch: object = None
+    on_step: object = None
+
+
+def compute_loss(model, images, labels, options: LossOptions, generator=None):
     """Forward pass and loss: plain CE, mixup (soft targets) and/or distillation."""
     from ffcv_imagenet import losses
 
     targets = labels
-    if mixup_alpha > 0:
-        images, targets = losses.mixup(images, labels, alpha=mixup_alpha, num_classes=num_classes,
-                                       generator=generator)
+    if options.mixup_alpha > 0:
+        images, targets = losses.mixup(images, labels, alpha=options.mixup_alpha,
+                                       num_classes=options.num_classes, generator=generator)
     logits = model(images)
-    if teacher is not None:
+    if options.teacher is not None:
         with torch.no_grad():
-            teacher_logits = teacher(images)
-        return losses.distillation_loss(logits, teacher_logits, targets, temperature=distill_temperature,
-                                        weight=distill_weight, label_smoothing=label_smoothing)
-    return losses.cross_entropy(logits, targets, label_smoothing=label_smoothing)
+            teacher_logits = options.teacher(images)
+        return losses.distillation_loss(logits, teacher_logits, targets,
+                                        temperature=options.distill_temperature,
+                                        weight=options.distill_weight,
+                                        label_smoothing=options.label_smoothing)
+    return losses.cross_entropy(logits, targets, label_smoothing=options.label_smoothing)
 
 
-def train_one_epoch(model, batches, optimizer, scaler, *, epoch: int, steps_per_epoch: int,
-                    accum_steps: int, lr_fn, device, precision: str, label_smoothing=0.0,
-                    mixup_alpha=0.0, num_classes=None, teacher=None, distill_temperature=4.0,
-                    distill_weight=0.5, color_jitter=0.0, pca_lighting=0.0, generator=None,
-                    progress=False, on_first_batch=None, on_step=None, ema=None) -> dict:
-    """One epoch of `steps_per_epoch` optimizer steps of `accum_steps` micro-batches each.
+def _progress_bar(enabled: bool, total: int, desc: str):
+    if not enabled:
+        return None
+    from tqdm import tqdm
 
-    `batches` yields (uint8 NCHW images, int labels) on `device`; `lr_fn(epoch_float)` gives the
-    lr of each step; `ema` (optim.WeightEMA) is updated after every optimizer step. Returns the
-    epoch's mean train loss and image count over all processes.
-    """
-    model.train()
-    dtype = DTYPES[precision]
-    total_micro = steps_per_epoch * accum_steps
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    images_seen = 0
-    lr = None
-    bar = None
-    if progress:
-        from tqdm import tqdm
+    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
 
-        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True)
-    optimizer.zero_grad(set_to_none=True)
+
+def train_one_epoch(trainer: Trainer, batches, *, epoch: int, steps_per_epoch: int, lr_fn,
+                    generator=None, hooks: EpochHooks = EpochHooks()) -> dict:
+    """One epoch of `steps_per_epoch` optimizer steps of `trainer.accum_steps` micro-batches each.
+
+    `batches` yields (uint8 NCHW images, int labels) on the device; `lr_fn(epoch_float)` gives the
+    lr of each step. Returns the epoch's mean train loss and image count over all processes."""
+    t = trainer
+    t.model.train()
+    dtype = DTYPES[t.precision]
+    loss_sum = torch.zeros((), dtype=torch.float64, device=t.device)
+    images_seen, lr = 0, None
+    bar = _progress_bar(hooks.progress, steps_per_epoch, f"epoch {epoch}")
+    t.optimizer.zero_grad(set_to_none=True)
     for micro, (images, labels) in enumerate(batches):
-        if micro >= total_micro:
+        if micro >= steps_per_epoch * t.accum_steps:
             break  # micro-batches that do not fill an optimizer step are skipped, on every rank
-        if micro == 0 and on_first_batch is not None:
-            on_first_batch()
-        step, k = divmod(micro, accum_steps)
+        if micro == 0 and hooks.on_first_batch is not None:
+            hooks.on_first_batch()
+        step, k = divmod(micro, t.accum_steps)
         if k == 0:
             lr = lr_fn(epoch + step / steps_per_epoch)
-            for group in optimizer.param_groups:
+            for group in t.optimizer.param_groups:
                 group["lr"] = lr
-        x = prepare_batch(images, dtype=dtype, color_jitter=color_jitter,
-                          pca_lighting=pca_lighting, generator=generator)
+        x = prepare_batch(images, dtype=dtype, color_jitter=t.color_jitter,
+                          pca_lighting=t.pca_lighting, generator=generator)
         y = labels.to(torch.long, copy=True)  # a copy: ffcv reuses its buffers
-        last_micro = k == accum_steps - 1
+        last_micro = k == t.accum_steps - 1
         # DDP all-reduces gradients only on the micro-batch that completes the step.
-        sync = contextlib.nullcontext() if last_micro or not hasattr(model, "no_sync") else model.no_sync()
-        with sync:
-            with autocast_context(device, precision):
-                loss = compute_loss(model, x, y, label_smoothing=label_smoothing,
-                                    mixup_alpha=mixup_alpha, num_classes=num_classes, teacher=teacher,
-                                    distill_temperature=distill_temperature,
-                                    distill_weight=distill_weight, generator=generator)
-            scaler.scale(loss / accum_steps).backward()
+        no_sync = not last_micro and hasattr(t.model, "no_sync")
+        with t.model.no_sync() if no_sync else contextlib.nullcontext():
+            with autocast_context(t.device, t.precision):
+                loss = compute_loss(t.model, x, y, t.loss, generator)
+            t.scaler.scale(loss / t.accum_steps).backward()
         loss_sum += loss.detach().double() * len(y)
         images_seen += len(y)
         if last_micro:
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            if ema is not None:
-                ema.update()
+            _optimizer_step(t)
             if bar is not None:
                 bar.update(1)
                 if step % 10 == 0:
                     bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.4f}")
-            if on_step is not None:
-                on_step(step + 1)
+            if hooks.on_step is not None:
+                hooks.on_step(step + 1)
     if bar is not None:
         bar.close()
     # the epoch's one host read: loss and image count summed over processes, on the device
-    images_total = torch.full((), images_seen, dtype=torch.float64, device=device)
-    totals = torch.stack([loss_sum, images_total])
-    loss_total, images = distributed.all_reduce_sum(totals).tolist()
+    images_total = torch.full((), images_seen, dtype=torch.float64, device=t.device)
+    loss_total, images = distributed.all_reduce_sum(torch.stack([loss_sum, images_total])).tolist()
     return {"train_loss": loss_total / max(1.0, images), "images": int(images), "lr": lr}
+
+
+def _optimizer_step(t: Trainer) -> None:
+    t.scaler.step(t.optimizer)
+    t.scaler.update()
+    t.optimizer.zero_grad(set_to_none=True)
+    if t.ema is not None:
+        t.ema.update()
 
 
 @torch.no_grad()
@@ -321,7 +363,7 @@ def evaluate(model, batches, *, device, precision: str, lr_tta: bool = True, pro
             "val_loss": sums[0].item() / count, "val_count": int(sums[3].item())}
 
 
-# --------------------------------------------------------------------------- the run
+# --------------------------------------------------------------------------- the run, in stages
 
 def _step_hook(epoch: int, on_start, compiled: bool):
     """What runs after each optimizer step: with torch.compile, `on_start` (idempotent) after the
@@ -352,6 +394,112 @@ def _kill_hook(epoch: int):
     return hook
 
 
+@dataclass
+class Run:
+    """What every stage reads: the config, this process's place in the job, what was decided from
+    them at start-up (precision, global batch and peak lr) and the run's logger."""
+    cfg: dict
+    dist: distributed.DistInfo
+    precision: str
+    plan: dict
+    logger: RunLogger
+    torch_threads: int
+    launched_at: float
+
+    @property
+    def device(self) -> torch.device:
+        return self.dist.device
+
+    @property
+    def folder(self) -> str:
+        return self.cfg["logging"]["folder"]
+
+    @property
+    def checkpoint_path(self) -> str:
+        return os.path.join(self.folder, "checkpoint.pt")
+
+    @property
+    def show_progress(self) -> bool:
+        return self.cfg["logging"]["progress"] and self.dist.is_main
+
+    def say(self, message: str) -> None:
+        """Print on rank 0 only."""
+        if self.dist.is_main:
+            print(message, flush=True)
+
+
+@dataclass
+class Data:
+    train_loader: object
+    val_loader: object
+    wnids: list
+    num_workers: int
+    steps_per_epoch: int
+
+
+@dataclass
+class Progress:
+    """Where the run stands after its last complete epoch: saved in every checkpoint (as top-level
+    keys) and restored on resume. `startup_s` is the first launch's."""
+    epoch: int = 0
+    step: int = 0
+    elapsed_s: float = 0.0
+    train_s: float = 0.0
+    total_images: int = 0
+    startup_s: "float | None" = None
+
+
+def loader_workers(data_cfg: dict, dist_info: distributed.DistInfo) -> int:
+    """data.num_workers, or (0) this node's cores shared among its processes."""
+    return data_cfg["num_workers"] or max(1, distributed.cpu_cores() // dist_info.local_world_size)
+
+
+def setup_run(cfg: dict, dist_info: distributed.DistInfo, launched_at: float) -> Run:
+    """Stage 1, after the process group: precision, determinism, global batch, the run folder."""
+    train_cfg, lr_cfg = cfg["training"], cfg["lr"]
+    torch_threads = torch.get_num_threads()
+    precision = resolve_precision(train_cfg["precision"], dist_info.device)
+    configure_determinism(train_cfg["deterministic"], dist_info.device)
+    plan = plan_batch(batch_size_per_gpu=train_cfg["batch_size"], world_size=dist_info.world_size,
+                      global_batch_size=train_cfg["global_batch_size"], base_lr=lr_cfg["lr"],
+                      lr_scaling=lr_cfg["lr_scaling"])
+    folder = cfg["logging"]["folder"]
+    logger = RunLogger(folder, enabled=dist_info.is_main)
+    if not train_cfg["resume"] and os.path.exists(os.path.join(folder, "log.jsonl")):
+        raise FileExistsError(f"{folder} already holds a run (log.jsonl); continue it with "
+                              "--training.resume=1 or choose another --logging.folder")
+    run = Run(cfg, dist_info, precision, plan, logger, torch_threads, launched_at)
+    run.say(plan["message"])
+    return run
+
+
+def setup_data(run: Run) -> Data:
+    """Stage 2: the class list both files share, the train and val loaders of this rank."""
+    cfg = run.cfg
+    data_cfg, train_cfg, aug_cfg, val_cfg = cfg["data"], cfg["training"], cfg["augment"], cfg["validation"]
+    wnids = check_same_classes(data_cfg["train_dataset"], data_cfg["val_dataset"])
+    num_workers = loader_workers(data_cfg, run.dist)
+    loader_args = dict(num_workers=num_workers, device=run.device, rank=run.dist.rank,
+                       world_size=run.dist.world_size, in_memory=data_cfg["in_memory"],
+                       torch_threads=run.torch_threads)
+    train_loader = create_train_loader(
+        data_cfg["train_dataset"], batch_size=train_cfg["batch_size"],
+        resolution_px=cfg["resolution"]["min_res"], order=data_cfg["order"], seed=train_cfg["seed"],
+        scale=(aug_cfg["scale_min"], aug_cfg["scale_max"]),
+        ratio=(aug_cfg["ratio_min"], aug_cfg["ratio_max"]),
+        deterministic=train_cfg["deterministic"], decoder=data_cfg["decoder"], **loader_args)
+    val_loader = create_val_loader(data_cfg["val_dataset"], batch_size=val_cfg["batch_size"],
+                                   resolution_px=val_cfg["resolution"],
+                                   crop_ratio=val_cfg["crop_ratio"], **loader_args)
+    steps_per_epoch = len(train_loader) // run.plan["accum_steps"]
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"{data_cfg['train_dataset']}: {len(train_loader)} batches per process per epoch is fewer "
+            f"than the {run.plan['accum_steps']} micro-batches of one optimizer step (global batch "
+            f"{run.plan['global_batch_size']}); lower training.global_batch_size or use more data")
+    return Data(train_loader, val_loader, wnids, num_workers, steps_per_epoch)
+
+
 def build_model(*, arch, num_classes, model_cfg, use_blurpool, channels_last, device):
     from ffcv_imagenet.models import create_model
 
@@ -364,6 +512,153 @@ def build_model(*, arch, num_classes, model_cfg, use_blurpool, channels_last, de
     return model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
+def setup_model(run: Run, num_classes: int) -> torch.nn.Module:
+    """Stage 3: the model as training calls it (SyncBN, DDP, torch.compile as configured);
+    `checkpoint.unwrap` gives the module inside."""
+    train_cfg = run.cfg["training"]
+    torch.manual_seed(train_cfg["seed"])
+    model = build_model(arch=run.cfg["model"]["arch"], num_classes=num_classes,
+                        model_cfg=run.cfg["model"], use_blurpool=train_cfg["use_blurpool"],
+                        channels_last=train_cfg["channels_last"], device=run.device)
+    if run.dist.is_distributed:
+        if train_cfg["sync_bn"]:
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[run.device.index] if run.device.type == "cuda" else None,
+            **ddp_options(compile_model=train_cfg["compile"], accum_steps=run.plan["accum_steps"]))
+    return torch.compile(model) if train_cfg["compile"] else model
+
+
+def setup_trainer(run: Run, model: torch.nn.Module, num_classes: int) -> Trainer:
+    """Stage 4: optimizer, GradScaler, weight average, the loss (with its teacher) and the batch
+    augmentations, around the model of stage 3."""
+    from ffcv_imagenet.optim import WeightEMA, create_optimizer
+
+    train_cfg, aug_cfg = run.cfg["training"], run.cfg["augment"]
+    raw_model = ckpt_io.unwrap(model)
+    optimizer = create_optimizer(raw_model, name=train_cfg["optimizer"], lr=run.plan["peak_lr"],
+                                 momentum=train_cfg["momentum"], nesterov=train_cfg["nesterov"],
+                                 weight_decay=train_cfg["weight_decay"],
+                                 betas=(train_cfg["adam_beta1"], train_cfg["adam_beta2"]),
+                                 eps=train_cfg["adam_eps"] or None,
+                                 lookahead_steps=train_cfg["lookahead_steps"],
+                                 lookahead_alpha=train_cfg["lookahead_alpha"])
+    ema = WeightEMA(raw_model, train_cfg["ema_decay"]) if train_cfg["ema_decay"] > 0 else None
+    loss = LossOptions(label_smoothing=train_cfg["label_smoothing"],
+                       mixup_alpha=train_cfg["mixup_alpha"], num_classes=num_classes,
+                       teacher=setup_teacher(run, num_classes),
+                       distill_temperature=train_cfg["distill_temperature"],
+                       distill_weight=train_cfg["distill_weight"])
+    return Trainer(model, optimizer, run.device, run.precision, accum_steps=run.plan["accum_steps"],
+                   ema=ema, loss=loss, color_jitter=aug_cfg["color_jitter"],
+                   pca_lighting=aug_cfg["pca_lighting"])
+
+
+def setup_teacher(run: Run, num_classes: int):
+    """The distillation teacher (training.distill_arch), or None."""
+    train_cfg = run.cfg["training"]
+    if not train_cfg["distill_arch"]:
+        return None
+    from ffcv_imagenet.losses import create_teacher
+
+    teacher = create_teacher(train_cfg["distill_arch"], train_cfg["distill_checkpoint"],
+                             num_classes, run.device)
+    return teacher.to(memory_format=torch.channels_last) if train_cfg["channels_last"] else teacher
+
+
+def resume(run: Run, trainer: Trainer) -> tuple:
+    """Stage 5 (training.resume=1): the checkpoint's weights, optimizer, scaler, weight average and
+    RNG states, and where the run stood; from scratch when the folder holds no checkpoint. The log
+    keeps only the epochs before the one training goes on with. Returns (Progress, the epoch
+    resumed after or None)."""
+    progress, resumed_from = Progress(), None
+    if not run.cfg["training"]["resume"]:
+        return progress, resumed_from
+    path = run.checkpoint_path
+    if os.path.exists(path):
+        checkpoint = ckpt_io.load_checkpoint(path)
+        ckpt_io.unwrap(trainer.model).load_state_dict(checkpoint["model"])
+        trainer.optimizer.load_state_dict(checkpoint["optimizer"])
+        if checkpoint.get("scaler"):
+            trainer.scaler.load_state_dict(checkpoint["scaler"])
+        if trainer.ema is not None:
+            if checkpoint.get("ema") is None:
+                raise ValueError(f"{path} holds no weight average: the run was "
+                                 "started without training.ema_decay; resume it without")
+            trainer.ema.load_state_dict(checkpoint["ema"])
+        ckpt_io.set_rng_state(checkpoint["rng"])
+        progress = Progress(**{f.name: checkpoint[f.name] for f in fields(Progress)})
+        resumed_from = progress.epoch
+        run.say(f"resuming {run.folder} after epoch {progress.epoch} (step {progress.step})")
+        _warn_resume_changes(run, checkpoint)
+    else:
+        run.say(f"no checkpoint in {run.folder}; starting from scratch")
+    run.logger.keep_epochs_before(progress.epoch)
+    return progress, resumed_from
+
+
+def _warn_resume_changes(run: Run, checkpoint: dict) -> None:
+    if not run.dist.is_main:
+        return
+    changes = resume_changes(checkpoint.get("config") or {}, run.cfg, precision=run.precision,
+                             saved_precision=(checkpoint.get("derived") or {}).get("precision"))
+    if changes:
+        print(f"warning: resuming {run.checkpoint_path} with settings that differ from the "
+              f"run's so far (the rest of the run uses the new ones): {'; '.join(changes)}",
+              file=sys.stderr, flush=True)
+
+
+def derived_params(run: Run, data: Data) -> dict:
+    """What the engine decided from the config on this machine: params.json's `derived`, the
+    checkpoint's, and (START_KEYS) the log's `start` line."""
+    return {"world_size": run.dist.world_size, "global_batch_size": run.plan["global_batch_size"],
+            "requested_global_batch_size": run.plan["requested_global_batch_size"],
+            "batch_size_per_gpu": run.cfg["training"]["batch_size"],
+            "accum_steps": run.plan["accum_steps"], "peak_lr": run.plan["peak_lr"],
+            "precision": run.precision, "device": str(run.device), "num_classes": len(data.wnids),
+            "steps_per_epoch": data.steps_per_epoch, "train_samples": data.train_loader.num_samples,
+            "num_workers": data.num_workers, "torch_threads": run.torch_threads}
+
+
+START_KEYS = ("world_size", "global_batch_size", "batch_size_per_gpu", "accum_steps", "peak_lr",
+              "precision", "device")
+
+
+class LaunchClock:
+    """This launch's start-up and wall-clock. The first batch (with torch.compile: the end of the
+    first optimizer step, so that compilation counts as start-up) ends start-up and logs the
+    `start` line; wall-clock counts from there, added to what earlier launches logged."""
+
+    def __init__(self, run: Run, progress: Progress, derived: dict, resumed_from: "int | None"):
+        self.run, self.progress = run, progress
+        self.start_record = {**{k: derived[k] for k in START_KEYS},
+                             "resumed_from_epoch": resumed_from,
+                             "argv": run.cfg.get("meta", {}).get("argv")}
+        self.elapsed_before = progress.elapsed_s
+        self.first_step_at = None
+        self.last_train_s = None  # this launch's last epoch of training, for stop_after_s
+        self.last_val_s = None  # and its last validation pass
+
+    def on_first_batch(self) -> None:
+        if self.first_step_at is not None:
+            return
+        self.first_step_at = time.time()
+        startup_s = self.first_step_at - self.run.launched_at
+        if self.progress.startup_s is None:
+            self.progress.startup_s = startup_s  # the first launch's start-up is the one that counts
+        self.run.logger.log({"type": "start", "startup_s": startup_s, **self.start_record})
+
+    def elapsed_s(self, now: float) -> float:
+        # the replayed part of an epoch cut short by a kill is not counted
+        return self.elapsed_before + (now - self.first_step_at)
+
+    def hooks(self, epoch: int) -> EpochHooks:
+        compiled = self.run.cfg["training"]["compile"]
+        return EpochHooks(progress=self.run.show_progress,
+                          on_first_batch=None if compiled else self.on_first_batch,
+                          on_step=_step_hook(epoch, self.on_first_batch, compiled))
+
+
 def fit(cfg: dict, *, launched_at: float = None) -> dict:
     """Train (or, with training.eval_only, evaluate) as `cfg` says; returns the summary record.
 
@@ -372,264 +667,155 @@ def fit(cfg: dict, *, launched_at: float = None) -> dict:
     runs fit inside a longer-lived process (demo, tests) passes its own start time.
     """
     launched_at = launch_time() if launched_at is None else launched_at
-    data_cfg, lr_cfg, res_cfg, train_cfg = cfg["data"], cfg["lr"], cfg["resolution"], cfg["training"]
-    aug_cfg, val_cfg, model_cfg, log_cfg = cfg["augment"], cfg["validation"], cfg["model"], cfg["logging"]
-
     # fit may be called in-process (tests, demo): global torch settings are put back at the end
     saved_settings = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
                       torch.backends.cudnn.benchmark)
-
-    # 1. distributed
+    train_cfg = cfg["training"]
     dist_info = distributed.setup(train_cfg["device"], cpu_threads=train_cfg["cpu_threads"])
     try:
         if train_cfg["eval_only"]:
             return evaluate_checkpoint(cfg, dist_info)
-        device = dist_info.device
-        torch_threads = torch.get_num_threads()
-        precision = resolve_precision(train_cfg["precision"], device)
-        configure_determinism(train_cfg["deterministic"], device)
-        plan = plan_batch(batch_size_per_gpu=train_cfg["batch_size"], world_size=dist_info.world_size,
-                          global_batch_size=train_cfg["global_batch_size"], base_lr=lr_cfg["lr"],
-                          lr_scaling=lr_cfg["lr_scaling"])
-        folder = log_cfg["folder"]
-        checkpoint_path = os.path.join(folder, "checkpoint.pt")
-        logger = RunLogger(folder, enabled=dist_info.is_main)
-        if not train_cfg["resume"] and os.path.exists(os.path.join(folder, "log.jsonl")):
-            raise FileExistsError(f"{folder} already holds a run (log.jsonl); continue it with "
-                                  "--training.resume=1 or choose another --logging.folder")
-        if dist_info.is_main:
-            print(plan["message"], flush=True)
-
-        # 2. data
-        wnids = check_same_classes(data_cfg["train_dataset"], data_cfg["val_dataset"])
-        num_workers = data_cfg["num_workers"] or max(1, distributed.cpu_cores() // dist_info.local_world_size)
-        loader_args = dict(num_workers=num_workers, device=device, rank=dist_info.rank,
-                           world_size=dist_info.world_size, in_memory=data_cfg["in_memory"],
-                           torch_threads=torch_threads)
-        train_loader = create_train_loader(
-            data_cfg["train_dataset"], batch_size=train_cfg["batch_size"],
-            resolution_px=res_cfg["min_res"], order=data_cfg["order"], seed=train_cfg["seed"],
-            scale=(aug_cfg["scale_min"], aug_cfg["scale_max"]),
-            ratio=(aug_cfg["ratio_min"], aug_cfg["ratio_max"]),
-            deterministic=train_cfg["deterministic"], decoder=data_cfg["decoder"], **loader_args)
-        val_loader = create_val_loader(data_cfg["val_dataset"], batch_size=val_cfg["batch_size"],
-                                       resolution_px=val_cfg["resolution"],
-                                       crop_ratio=val_cfg["crop_ratio"], **loader_args)
-        steps_per_epoch = len(train_loader) // plan["accum_steps"]
-        if steps_per_epoch == 0:
-            raise ValueError(
-                f"{data_cfg['train_dataset']}: {len(train_loader)} batches per process per epoch is fewer "
-                f"than the {plan['accum_steps']} micro-batches of one optimizer step (global batch "
-                f"{plan['global_batch_size']}); lower training.global_batch_size or use more data")
-
-        # 3. model
-        torch.manual_seed(train_cfg["seed"])
-        model = build_model(arch=model_cfg["arch"], num_classes=len(wnids), model_cfg=model_cfg,
-                            use_blurpool=train_cfg["use_blurpool"],
-                            channels_last=train_cfg["channels_last"], device=device)
-        raw_model = model
-        if dist_info.is_distributed:
-            if train_cfg["sync_bn"]:
-                model = raw_model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-            model = torch.nn.parallel.DistributedDataParallel(
-                model, device_ids=[device.index] if device.type == "cuda" else None,
-                **ddp_options(compile_model=train_cfg["compile"], accum_steps=plan["accum_steps"]))
-        if train_cfg["compile"]:
-            model = torch.compile(model)
-        teacher = None
-        if train_cfg["distill_arch"]:
-            from ffcv_imagenet.losses import create_teacher
-
-            teacher = create_teacher(train_cfg["distill_arch"], train_cfg["distill_checkpoint"],
-                                     len(wnids), device)
-            if train_cfg["channels_last"]:
-                teacher = teacher.to(memory_format=torch.channels_last)
-
-        # 4. optimizer
-        from ffcv_imagenet.optim import create_optimizer
-
-        optimizer = create_optimizer(raw_model, name=train_cfg["optimizer"], lr=plan["peak_lr"],
-                                     momentum=train_cfg["momentum"], nesterov=train_cfg["nesterov"],
-                                     weight_decay=train_cfg["weight_decay"],
-                                     betas=(train_cfg["adam_beta1"], train_cfg["adam_beta2"]),
-                                     eps=train_cfg["adam_eps"] or None,
-                                     lookahead_steps=train_cfg["lookahead_steps"],
-                                     lookahead_alpha=train_cfg["lookahead_alpha"])
-        scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-        ema = None
-        if train_cfg["ema_decay"] > 0:
-            from ffcv_imagenet.optim import WeightEMA
-
-            ema = WeightEMA(raw_model, train_cfg["ema_decay"])
-
-        # 5. resume
-        state = {"epoch": 0, "step": 0, "elapsed_s": 0.0, "train_s": 0.0, "total_images": 0,
-                 "startup_s": None}
-        resumed_from = None
-        if train_cfg["resume"]:
-            if os.path.exists(checkpoint_path):
-                checkpoint = ckpt_io.load_checkpoint(checkpoint_path)
-                raw_model.load_state_dict(checkpoint["model"])
-                optimizer.load_state_dict(checkpoint["optimizer"])
-                if checkpoint.get("scaler"):
-                    scaler.load_state_dict(checkpoint["scaler"])
-                if ema is not None:
-                    if checkpoint.get("ema") is None:
-                        raise ValueError(f"{checkpoint_path} holds no weight average: the run was "
-                                         "started without training.ema_decay; resume it without")
-                    ema.load_state_dict(checkpoint["ema"])
-                ckpt_io.set_rng_state(checkpoint["rng"])
-                state = {k: checkpoint[k] for k in state}
-                resumed_from = state["epoch"]
-                if dist_info.is_main:
-                    print(f"resuming {folder} after epoch {resumed_from} (step {state['step']})", flush=True)
-                    changes = resume_changes(checkpoint.get("config") or {}, cfg, precision=precision,
-                                             saved_precision=(checkpoint.get("derived") or {}).get("precision"))
-                    if changes:
-                        print(f"warning: resuming {checkpoint_path} with settings that differ from the "
-                              f"run's so far (the rest of the run uses the new ones): {'; '.join(changes)}",
-                              file=sys.stderr, flush=True)
-            elif dist_info.is_main:
-                print(f"no checkpoint in {folder}; starting from scratch", flush=True)
-            logger.keep_epochs_before(state["epoch"])
-
-        derived = {"world_size": dist_info.world_size, "global_batch_size": plan["global_batch_size"],
-                   "requested_global_batch_size": plan["requested_global_batch_size"],
-                   "batch_size_per_gpu": train_cfg["batch_size"], "accum_steps": plan["accum_steps"],
-                   "peak_lr": plan["peak_lr"], "precision": precision, "device": str(device),
-                   "num_classes": len(wnids), "steps_per_epoch": steps_per_epoch,
-                   "train_samples": train_loader.num_samples, "num_workers": num_workers,
-                   "torch_threads": torch_threads}
-        logger.write_json("params.json", {**{k: v for k, v in cfg.items() if k != "meta"},
-                                          "config_file": cfg.get("meta", {}).get("config_file"),
-                                          "argv": cfg.get("meta", {}).get("argv"), "derived": derived})
-        logger.write_json("env.json", environment(dist_info.world_size))
-
-        # 6. loop
-        session = {"first_step_at": None}
-
-        def on_first_batch():
-            if session["first_step_at"] is not None:
-                return
-            session["first_step_at"] = time.time()
-            startup_s = session["first_step_at"] - launched_at
-            if state["startup_s"] is None:
-                state["startup_s"] = startup_s  # the first launch's start-up is the one that counts
-            logger.log({"type": "start", "startup_s": startup_s, "world_size": dist_info.world_size,
-                        "global_batch_size": plan["global_batch_size"],
-                        "batch_size_per_gpu": train_cfg["batch_size"],
-                        "accum_steps": plan["accum_steps"], "peak_lr": plan["peak_lr"],
-                        "precision": precision, "device": str(device),
-                        "resumed_from_epoch": resumed_from, "argv": cfg.get("meta", {}).get("argv")})
-
-        def lr_fn(epoch_float):
-            return lr_at(epoch_float, schedule=lr_cfg["lr_schedule_type"], peak_lr=plan["peak_lr"],
-                         epochs=train_cfg["epochs"], warmup_epochs=lr_cfg["warmup_epochs"],
-                         lr_peak_epoch=lr_cfg["lr_peak_epoch"], step_ratio=lr_cfg["step_ratio"],
-                         step_length=lr_cfg["step_length"], milestones=tuple(lr_cfg["milestones"]),
-                         end_lr_ratio=lr_cfg["end_lr_ratio"], flat_fraction=lr_cfg["flat_fraction"])
-
-        def train_res(epoch):
-            return resolution_at(epoch, min_res=res_cfg["min_res"], max_res=res_cfg["max_res"],
-                                 start_ramp=res_cfg["start_ramp"], end_ramp=res_cfg["end_ramp"])
-
-        val = None
-        last_val_s = None  # this launch's last validation pass, for training.stop_after_s
-        elapsed_before = state["elapsed_s"]
-        epochs = train_cfg["epochs"]
-        progress = log_cfg["progress"] and dist_info.is_main
-        for epoch in range(state["epoch"], epochs):
-            resolution = train_res(epoch)
-            train_loader.set_resolution(resolution)
-            train_loader.set_epoch(epoch)
-            generator = seed_epoch(train_cfg["seed"], epoch, dist_info.rank, device)
-            epoch_start = time.time()
-            stats = train_one_epoch(
-                model, train_loader, optimizer, scaler, epoch=epoch, steps_per_epoch=steps_per_epoch,
-                accum_steps=plan["accum_steps"], lr_fn=lr_fn, device=device, precision=precision,
-                label_smoothing=train_cfg["label_smoothing"], mixup_alpha=train_cfg["mixup_alpha"],
-                num_classes=len(wnids), teacher=teacher,
-                distill_temperature=train_cfg["distill_temperature"],
-                distill_weight=train_cfg["distill_weight"], color_jitter=aug_cfg["color_jitter"],
-                pca_lighting=aug_cfg["pca_lighting"], generator=generator, progress=progress,
-                on_first_batch=None if train_cfg["compile"] else on_first_batch,
-                on_step=_step_hook(epoch, on_first_batch, train_cfg["compile"]), ema=ema)
-            train_s = time.time() - epoch_start
-            last = epoch == epochs - 1
-            val = None
-            passes = validation_passes(epoch, epochs=epochs, every=val_cfg["every_n_epochs"], ema=ema is not None)
-            if passes:
-                val_start = time.time()
-                if ema is not None:
-                    ema.broadcast(src=0)
-                val = evaluate(model if ema is None else ema.module, val_loader, device=device,
-                               precision=precision, lr_tta=val_cfg["lr_tta"], progress=progress)
-                last_val_s = time.time() - val_start
-                if passes == 2:  # the last epoch of an EMA run: the model itself too, for comparison
-                    raw = evaluate(model, val_loader, device=device, precision=precision,
-                                   lr_tta=val_cfg["lr_tta"], progress=progress)
-                    val = {**val, **{f"{k}_no_ema": v for k, v in raw.items()}}
-            now = time.time()
-            state["epoch"] = epoch + 1
-            state["step"] += steps_per_epoch
-            state["train_s"] += train_s
-            state["total_images"] += stats["images"]
-            # wall-clock since the first training step, summed over (re)starts; the replayed part
-            # of an epoch cut short by a kill is not counted
-            state["elapsed_s"] = elapsed_before + (now - session["first_step_at"])
-            record = {"type": "epoch", "epoch": epoch, "lr": stats["lr"], "resolution": resolution,
-                      "train_loss": stats["train_loss"],
-                      "train_images_per_s": stats["images"] / max(train_s, 1e-9),
-                      **(val or {"top_1": None, "top_5": None, "val_loss": None, "val_count": None}),
-                      "epoch_s": now - epoch_start, "elapsed_s": state["elapsed_s"]}
-            logger.log(record)
-            if dist_info.is_main:
-                print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                               for k, v in record.items() if k != "type"), flush=True)
-                # 7. save (rank 0 only; the other ranks hold the same weights)
-                ckpt_io.save_checkpoint(checkpoint_path, {
-                    "model": ckpt_io.model_state(model), "optimizer": optimizer.state_dict(),
-                    "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-                    "ema": ema.state_dict() if ema is not None else None,
-                    **state, "rng": ckpt_io.rng_state(), "config": cfg, "derived": derived,
-                    "arch": model_cfg["arch"], "num_classes": len(wnids), "wnids": wnids})
-            distributed.barrier()
-            if train_cfg["stop_after_s"] and not last:
-                next_s = expected_epoch_s(
-                    last_train_s=train_s, last_res=resolution, next_res=train_res(epoch + 1),
-                    val_passes=validation_passes(epoch + 1, epochs=epochs, every=val_cfg["every_n_epochs"],
-                                                 ema=ema is not None),
-                    last_val_s=last_val_s, train_images=train_loader.num_samples,
-                    val_images=val_loader.num_samples, val_res=val_cfg["resolution"])
-                # 10% to spare; rank 0 decides for all, so that no rank waits for one that stopped
-                stop = distributed.broadcast_object(
-                    time.time() + 1.1 * next_s > launched_at + train_cfg["stop_after_s"])
-                if stop:
-                    record = {"type": "stopped", "epoch": epoch + 1, "next_epoch_expected_s": next_s,
-                              "stop_after_s": train_cfg["stop_after_s"], "elapsed_s": state["elapsed_s"]}
-                    logger.log(record)
-                    if dist_info.is_main:
-                        print(f"stopped after epoch {epoch + 1}/{epochs}: the next would take about "
-                              f"{next_s / 60:.1f} min and end past training.stop_after_s="
-                              f"{train_cfg['stop_after_s']:g} s from launch; continue with "
-                              "--training.resume=1", flush=True)
-                    return record
-
-        if val is None and state["epoch"] >= epochs:  # resumed a finished run: evaluate once
-            val = evaluate(model if ema is None else ema.module, val_loader, device=device, precision=precision,
-                           lr_tta=val_cfg["lr_tta"], progress=progress)
-        summary = {"type": "summary", "epochs": epochs, "top_1": val["top_1"], "top_5": val["top_5"],
-                   "elapsed_s": state["elapsed_s"], "startup_s": state["startup_s"],
-                   "total_images": state["total_images"],
-                   "mean_images_per_s": state["total_images"] / max(state["train_s"], 1e-9),
-                   "preset": cfg.get("meta", {}).get("config_file")}
-        logger.log(summary)
-        return summary
+        run = setup_run(cfg, dist_info, launched_at)
+        data = setup_data(run)
+        trainer = setup_trainer(run, setup_model(run, len(data.wnids)), len(data.wnids))
+        progress, resumed_from = resume(run, trainer)
+        derived = derived_params(run, data)
+        run.logger.write_json("params.json", {**{k: v for k, v in cfg.items() if k != "meta"},
+                                              "config_file": cfg.get("meta", {}).get("config_file"),
+                                              "argv": cfg.get("meta", {}).get("argv"),
+                                              "derived": derived})
+        run.logger.write_json("env.json", environment(dist_info.world_size))
+        return train_loop(run, data, trainer, progress, LaunchClock(run, progress, derived, resumed_from))
     finally:
         distributed.cleanup()
         torch.set_num_threads(saved_settings[0])
         torch.use_deterministic_algorithms(saved_settings[1])
         torch.backends.cudnn.benchmark = saved_settings[2]
+
+
+def train_loop(run: Run, data: Data, trainer: Trainer, progress: Progress, clock: LaunchClock) -> dict:
+    """Stage 6: the epochs left, each trained, validated, logged and (stage 7) saved; a stop
+    before an epoch that would end past training.stop_after_s; the summary line."""
+    epochs = run.cfg["training"]["epochs"]
+    val = None
+    for epoch in range(progress.epoch, epochs):
+        record, val = run_epoch(run, data, trainer, progress, clock, epoch)
+        if run.dist.is_main:
+            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                           for k, v in record.items() if k != "type"), flush=True)
+            save(run, data, trainer, progress)  # rank 0 only: the other ranks hold the same weights
+        distributed.barrier()
+        stopped = stop_before_next(run, data, trainer, progress, clock, epoch)
+        if stopped is not None:
+            return stopped
+    if val is None and progress.epoch >= epochs:  # resumed a finished run: evaluate once
+        val = _evaluate(run, data, _scored_model(trainer))
+    summary = {"type": "summary", "epochs": epochs, "top_1": val["top_1"], "top_5": val["top_5"],
+               "elapsed_s": progress.elapsed_s, "startup_s": progress.startup_s,
+               "total_images": progress.total_images,
+               "mean_images_per_s": progress.total_images / max(progress.train_s, 1e-9),
+               "preset": run.cfg.get("meta", {}).get("config_file")}
+    run.logger.log(summary)
+    return summary
+
+
+def run_epoch(run: Run, data: Data, trainer: Trainer, progress: Progress, clock: LaunchClock,
+              epoch: int) -> tuple:
+    """One epoch: its resolution and seeds, training, validation when due; advances `progress`
+    and logs the epoch line. Returns (that line, the validation result or None)."""
+    cfg = run.cfg
+    resolution = resolution_from_config(epoch, cfg)
+    data.train_loader.set_resolution(resolution)
+    data.train_loader.set_epoch(epoch)
+    generator = seed_epoch(cfg["training"]["seed"], epoch, run.dist.rank, run.device)
+    epoch_start = time.time()
+    stats = train_one_epoch(trainer, data.train_loader, epoch=epoch,
+                            steps_per_epoch=data.steps_per_epoch,
+                            lr_fn=lambda e: lr_from_config(e, cfg, run.plan["peak_lr"]),
+                            generator=generator, hooks=clock.hooks(epoch))
+    clock.last_train_s = time.time() - epoch_start
+    val = validate(run, data, trainer, clock, epoch)
+    now = time.time()
+    progress.epoch = epoch + 1
+    progress.step += data.steps_per_epoch
+    progress.train_s += clock.last_train_s
+    progress.total_images += stats["images"]
+    progress.elapsed_s = clock.elapsed_s(now)
+    record = {"type": "epoch", "epoch": epoch, "lr": stats["lr"], "resolution": resolution,
+              "train_loss": stats["train_loss"],
+              "train_images_per_s": stats["images"] / max(clock.last_train_s, 1e-9),
+              **(val or {"top_1": None, "top_5": None, "val_loss": None, "val_count": None}),
+              "epoch_s": now - epoch_start, "elapsed_s": progress.elapsed_s}
+    run.logger.log(record)
+    return record, val
+
+
+def _val_passes(run: Run, trainer: Trainer, epoch: int) -> int:
+    return validation_passes(epoch, epochs=run.cfg["training"]["epochs"],
+                             every=run.cfg["validation"]["every_n_epochs"], ema=trainer.ema is not None)
+
+
+def _scored_model(trainer: Trainer) -> torch.nn.Module:
+    """What validation scores: the weight average when the run keeps one, else the model."""
+    return trainer.model if trainer.ema is None else trainer.ema.module
+
+
+def _evaluate(run: Run, data: Data, model) -> dict:
+    return evaluate(model, data.val_loader, device=run.device, precision=run.precision,
+                    lr_tta=run.cfg["validation"]["lr_tta"], progress=run.show_progress)
+
+
+def validate(run: Run, data: Data, trainer: Trainer, clock: LaunchClock, epoch: int):
+    """The validation due after `epoch`, or None: the weight average (broadcast from rank 0 first)
+    or the model; after the last epoch of an EMA run also the raw weights, as `*_no_ema`."""
+    passes = _val_passes(run, trainer, epoch)
+    if not passes:
+        return None
+    val_start = time.time()
+    if trainer.ema is not None:
+        trainer.ema.broadcast(src=0)
+    val = _evaluate(run, data, _scored_model(trainer))
+    clock.last_val_s = time.time() - val_start
+    if passes == 2:  # the last epoch of an EMA run: the model itself too, for comparison
+        raw = _evaluate(run, data, trainer.model)
+        val = {**val, **{f"{k}_no_ema": v for k, v in raw.items()}}
+    return val
+
+
+def save(run: Run, data: Data, trainer: Trainer, progress: Progress) -> None:
+    """Stage 7: the checkpoint after an epoch (written whole, then renamed)."""
+    ckpt_io.save_checkpoint(run.checkpoint_path, {
+        "model": ckpt_io.model_state(trainer.model), "optimizer": trainer.optimizer.state_dict(),
+        "scaler": trainer.scaler.state_dict() if trainer.scaler.is_enabled() else None,
+        "ema": trainer.ema.state_dict() if trainer.ema is not None else None,
+        **asdict(progress), "rng": ckpt_io.rng_state(), "config": run.cfg,
+        "derived": derived_params(run, data), "arch": run.cfg["model"]["arch"],
+        "num_classes": len(data.wnids), "wnids": data.wnids})
+
+
+def stop_before_next(run: Run, data: Data, trainer: Trainer, progress: Progress,
+                     clock: LaunchClock, epoch: int):
+    """training.stop_after_s: the `stopped` record when the epoch after `epoch` is expected to end
+    past the limit (counted from launch, 10% to spare), else None. Rank 0 decides for all, so that
+    no rank waits for one that stopped."""
+    cfg, epochs = run.cfg, run.cfg["training"]["epochs"]
+    stop_after_s = cfg["training"]["stop_after_s"]
+    if not stop_after_s or epoch == epochs - 1:
+        return None
+    next_s = expected_epoch_s(
+        last_train_s=clock.last_train_s, last_res=resolution_from_config(epoch, cfg),
+        next_res=resolution_from_config(epoch + 1, cfg), val_passes=_val_passes(run, trainer, epoch + 1),
+        last_val_s=clock.last_val_s, train_images=data.train_loader.num_samples,
+        val_images=data.val_loader.num_samples, val_res=cfg["validation"]["resolution"])
+    if not distributed.broadcast_object(time.time() + 1.1 * next_s > run.launched_at + stop_after_s):
+        return None
+    record = {"type": "stopped", "epoch": epoch + 1, "next_epoch_expected_s": next_s,
+              "stop_after_s": stop_after_s, "elapsed_s": progress.elapsed_s}
+    run.logger.log(record)
+    run.say(f"stopped after epoch {epoch + 1}/{epochs}: the next would take about "
+            f"{next_s / 60:.1f} min and end past training.stop_after_s={stop_after_s:g} s from "
+            "launch; continue with --training.resume=1")
+    return record
 
 
 def evaluate_checkpoint(cfg: dict, dist_info) -> dict:
@@ -650,9 +836,9 @@ def evaluate_checkpoint(cfg: dict, dist_info) -> dict:
     # a run with training.ema_decay reported its weight average: evaluate that
     weights = "ema" if checkpoint.get("ema") else "model"
     model.load_state_dict(checkpoint["ema"]["module"] if weights == "ema" else checkpoint["model"])
-    num_workers = data_cfg["num_workers"] or max(1, distributed.cpu_cores() // dist_info.local_world_size)
     val_loader = create_val_loader(data_cfg["val_dataset"], batch_size=val_cfg["batch_size"],
-                                   resolution_px=val_cfg["resolution"], num_workers=num_workers,
+                                   resolution_px=val_cfg["resolution"],
+                                   num_workers=loader_workers(data_cfg, dist_info),
                                    device=device, rank=dist_info.rank, world_size=dist_info.world_size,
                                    in_memory=data_cfg["in_memory"], torch_threads=torch.get_num_threads(),
                                    crop_ratio=val_cfg["crop_ratio"])

@@ -1016,8 +1016,20 @@ def _write_dataset(data_dir, write_path, *, split, max_resolution, write_mode,
             signal.signal(signal.SIGTERM, previous_sigterm)
         temp.unlink(missing_ok=True)
 
-    seconds = time.time() - started_s
-    summary = {
+    summary = write_summary(opts, index, stats, destination=destination, meta_file=meta_file,
+                            num_bytes=num_bytes, estimated_bytes=estimated_bytes,
+                            seconds=time.time() - started_s, write_seconds=write_seconds,
+                            notes=index.notes + [f"removed stale partial file {p}" for p in stale],
+                            short_classes=short_classes)
+    if progress:
+        print(format_summary(summary), file=sys.stderr)
+    return summary
+
+
+def write_summary(opts: dict, index, stats, *, destination, meta_file, num_bytes, estimated_bytes,
+                  seconds, write_seconds, notes, short_classes) -> dict:
+    """What `write_dataset` returns and prints: where, what, how large, how fast."""
+    return {
         "write_path": str(destination),
         "metadata_path": str(meta_file),
         "data_dir": opts["data_dir"],
@@ -1036,11 +1048,8 @@ def _write_dataset(data_dir, write_path, *, split, max_resolution, write_mode,
         "num_workers": opts["num_workers"],
         "skipped": stats.skipped,
         "classes_with_fewer_images_than_subset": short_classes,
-        "notes": index.notes + [f"removed stale partial file {p}" for p in stale],
+        "notes": notes,
     }
-    if progress:
-        print(format_summary(summary), file=sys.stderr)
-    return summary
 
 
 def prepare_destination(opts: dict) -> Path:

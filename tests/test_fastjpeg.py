@@ -35,6 +35,24 @@ def images():
     return [photo_like(h, w, rng) for h, w in SIZES]
 
 
+def test_flag_bits_are_the_c_decoders():
+    """Every JC_* flag bit of _jpegcrop.c has the value of the Python constant of the same name,
+    and every Python bit but RESIZE (applied here, not in C) is defined in C."""
+    import re
+    from pathlib import Path
+
+    source = (Path(fj.__file__).parent / "_jpegcrop.c").read_text()
+    c_bits = {name: int(value) for name, value in
+              re.findall(r"^#define JC_([A-Z0-9_]+) (\d+)u\b", source, flags=re.MULTILINE)}
+    python_bits = {name: getattr(fj, name) for name in
+                   ("SPLICE", "SCALE", "REGION", "SCALE_POW2_ONLY", "RESIZE")}
+    assert c_bits == {k: v for k, v in python_bits.items() if k != "RESIZE"}
+    assert len(set(python_bits.values())) == len(python_bits)  # distinct bits
+    assert all(v & (v - 1) == 0 for v in python_bits.values())
+    assert fj.ALL_LEVERS == sum(fj.LEVERS.values())
+    assert fj.DEFAULT_FLAGS == fj.ALL_LEVERS | fj.SCALE_POW2_ONLY
+
+
 def test_restart_interval_is_a_divisor_of_the_mcu_columns():
     assert restart_mcus(500, 0) == 0                 # 0 = no markers
     assert restart_mcus(500, 4) == 4                 # 32 MCU columns
@@ -149,7 +167,7 @@ def test_reduced_scale_decode_stays_close(images):
         for box in random_boxes(*image.shape[:2], 40, rng):
             region = np.zeros(8, np.int32)
             dst = np.empty(image.size, np.uint8)
-            flags = fj.ALL_LEVERS | fj.POW2_SCALES
+            flags = fj.ALL_LEVERS | fj.SCALE_POW2_ONLY
             fj.decode_crop(np.frombuffer(data, np.uint8), *image.shape[:2], *box, 64, 64, flags, dst, region)
             if region[6] == 8:
                 continue  # not scaled
@@ -223,7 +241,8 @@ def test_crop_boxes_follow_torchvisions_random_resized_crop(height, width):
         assert _ks(ours[:, column], theirs[:, column]) < critical, name
 
     def fallback(boxes):
-        return np.mean(boxes[:, 2] * boxes[:, 3] == min(height, round(width / (4 / 3))) * min(width, round(height * 4 / 3)))
+        whole = min(height, round(width / (4 / 3))) * min(width, round(height * 4 / 3))
+        return np.mean(boxes[:, 2] * boxes[:, 3] == whole)
 
     assert abs(fallback(ours) - fallback(theirs)) < 0.01
     if height == 40:
@@ -267,5 +286,5 @@ def test_loader_crops_like_ffcv(tmp_path):
     resized = _loader_batches(beton, "crop_first", fj.SPLICE | fj.REGION | fj.RESIZE)
     assert (resized.int() - stock.int()).abs().max() <= 1  # raw samples go through it too
     assert (resized != stock).float().mean() < 1e-3
-    scaled = _loader_batches(beton, "crop_first", fj.ALL_LEVERS | fj.POW2_SCALES)
+    scaled = _loader_batches(beton, "crop_first", fj.ALL_LEVERS | fj.SCALE_POW2_ONLY)
     assert psnr(scaled.numpy(), stock.numpy()) > 28

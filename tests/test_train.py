@@ -1,7 +1,8 @@
 """The training engine end to end on a tiny generated .beton pair (10 classes, 32 px, resnet18):
 logs and their fields, gradient accumulation, batch planning, evaluation against a hand
 computation, kill-and-resume equivalence, 2-process gloo runs through torchrun (one that succeeds,
-one that stops at a time limit, one whose rank 1 dies), eval_only, and the refusals (class lists, a loader with no step).
+one that stops at a time limit, one whose rank 1 dies), eval_only, and the refusals (class lists,
+a loader with no step).
 
 The slow tests run subprocesses (each pays ffcv's numba compilation again); they are marked `slow`
 and run by default. The uninterrupted reference run is in this process and the killed one in a
@@ -129,10 +130,10 @@ def small_net():
 
 def one_epoch(model, batches, *, steps, accum):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    return train.train_one_epoch(model, batches, optimizer, scaler, epoch=0, steps_per_epoch=steps,
-                                 accum_steps=accum, lr_fn=lambda e: 0.1 * (1 - e / 2),
-                                 device=torch.device("cpu"), precision="fp32", label_smoothing=0.1)
+    trainer = train.Trainer(model, optimizer, torch.device("cpu"), "fp32", accum_steps=accum,
+                            loss=train.LossOptions(label_smoothing=0.1))
+    return train.train_one_epoch(trainer, batches, epoch=0, steps_per_epoch=steps,
+                                 lr_fn=lambda e: 0.1 * (1 - e / 2))
 
 
 def test_auto_precision_is_bf16_only_on_a_cpu_that_runs_it_natively(monkeypatch, capsys):
@@ -190,13 +191,13 @@ def test_mixup_distillation_and_jitter_run_in_the_loop():
                 torch.randint(0, 5, (4,), generator=g)) for _ in range(2)]
     model, teacher = small_net(), small_net().eval()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
     before = [p.detach().clone() for p in model.parameters()]
-    stats = train.train_one_epoch(
-        model, batches, optimizer, scaler, epoch=0, steps_per_epoch=2, accum_steps=1,
-        lr_fn=lambda e: 0.1, device=torch.device("cpu"), precision="bf16", label_smoothing=0.1,
-        mixup_alpha=0.2, num_classes=5, teacher=teacher, color_jitter=0.4, pca_lighting=0.1,
-        generator=torch.Generator().manual_seed(0))
+    trainer = train.Trainer(model, optimizer, torch.device("cpu"), "bf16",
+                            loss=train.LossOptions(label_smoothing=0.1, mixup_alpha=0.2,
+                                                   num_classes=5, teacher=teacher),
+                            color_jitter=0.4, pca_lighting=0.1)
+    stats = train.train_one_epoch(trainer, batches, epoch=0, steps_per_epoch=2,
+                                  lr_fn=lambda e: 0.1, generator=torch.Generator().manual_seed(0))
     assert torch.isfinite(torch.tensor(stats["train_loss"])) and stats["images"] == 8
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
@@ -230,13 +231,13 @@ def host_reads(steps: int, accum: int = 1) -> list:
                 torch.randint(0, 5, (4,), generator=g)) for _ in range(steps * accum)]
     model = small_net()
     optimizer = create_optimizer(model, name="sgd", lr=0.1, momentum=0.9, nesterov=True)
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    ema = WeightEMA(model, 0.9)
+    trainer = train.Trainer(model, optimizer, torch.device("cpu"), "fp32", accum_steps=accum,
+                            ema=WeightEMA(model, 0.9),
+                            loss=train.LossOptions(label_smoothing=0.1, mixup_alpha=0.2,
+                                                   num_classes=5),
+                            color_jitter=0.4, pca_lighting=0.1)
     with HostReads() as reads:
-        train.train_one_epoch(model, batches, optimizer, scaler, epoch=0, steps_per_epoch=steps,
-                              accum_steps=accum, lr_fn=lambda e: 0.1, device=torch.device("cpu"),
-                              precision="fp32", label_smoothing=0.1, mixup_alpha=0.2, num_classes=5,
-                              color_jitter=0.4, pca_lighting=0.1, ema=ema,
+        train.train_one_epoch(trainer, batches, epoch=0, steps_per_epoch=steps, lr_fn=lambda e: 0.1,
                               generator=torch.Generator().manual_seed(0))
     return reads.calls
 
@@ -653,12 +654,14 @@ def test_cuda_training_steps_never_sync(precision):
     device = torch.device("cuda", 0)
     model = create_model("resnet18", num_classes=10).to(device, memory_format=torch.channels_last)
     optimizer = create_optimizer(model, name="sgd", lr=0.1, momentum=0.9, nesterov=True)
-    scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
+    trainer = train.Trainer(model, optimizer, device, precision, accum_steps=2,
+                            ema=WeightEMA(model, 0.9),
+                            loss=train.LossOptions(label_smoothing=0.1, mixup_alpha=0.2,
+                                                   num_classes=10),
+                            color_jitter=0.4, pca_lighting=0.1)
     stats = train.train_one_epoch(
-        model, cuda_batches(12, sync_mode_after_first="error"), optimizer, scaler, epoch=0,
-        steps_per_epoch=6, accum_steps=2, lr_fn=lambda e: 0.1, device=device, precision=precision,
-        label_smoothing=0.1, mixup_alpha=0.2, num_classes=10, color_jitter=0.4, pca_lighting=0.1,
-        generator=torch.Generator(device=device).manual_seed(0), ema=WeightEMA(model, 0.9))
+        trainer, cuda_batches(12, sync_mode_after_first="error"), epoch=0, steps_per_epoch=6,
+        lr_fn=lambda e: 0.1, generator=torch.Generator(device=device).manual_seed(0))
     assert stats["images"] == 96 and stats["train_loss"] == stats["train_loss"]
 
 
@@ -690,10 +693,10 @@ def test_compiled_ddp_with_accumulation_equals_eager_after_two_steps(tmp_path):
                 net, device_ids=[0], **train.ddp_options(compile_model=compiled, accum_steps=2))
             model = torch.compile(ddp) if compiled else ddp
             optimizer = create_optimizer(net, name="sgd", lr=0.1, momentum=0.9)
-            scaler = torch.amp.GradScaler("cuda", enabled=False)
-            train.train_one_epoch(model, cuda_batches(4), optimizer, scaler, epoch=0,
-                                  steps_per_epoch=2, accum_steps=2, lr_fn=lambda e: 0.1,
-                                  device=torch.device("cuda", 0), precision="fp32")
+            trainer = train.Trainer(model, optimizer, torch.device("cuda", 0), "fp32",
+                                    accum_steps=2)
+            train.train_one_epoch(trainer, cuda_batches(4), epoch=0, steps_per_epoch=2,
+                                  lr_fn=lambda e: 0.1)
             finals.append([p.detach().clone() for p in net.parameters()])
         for eager, comp in zip(*finals):
             torch.testing.assert_close(comp, eager, rtol=1e-4, atol=1e-5)
