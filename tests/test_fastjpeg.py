@@ -121,7 +121,7 @@ def test_area_resize_matches_opencvs_inter_area(images):
             assert diff.max() <= 1
             differing += int((diff > 0).sum())
             total += diff.size
-    assert differing / total < 1e-3
+    assert differing / total < 1e-4  # the README: fewer than 1 value in 10,000
     small = np.empty((64, 64, 3), np.uint8)
     assert fj.resize_area(images[0].reshape(-1), 500, 0, 0, 63, 300, small) == -1  # 63 rows < 64
 
@@ -181,10 +181,13 @@ def test_bad_input_is_an_error_not_a_crash(images):
     data = encode_jpeg(images[0], 90, 2)
     dst = np.empty(images[0].size, np.uint8)
     region = np.zeros(8, np.int32)
-    for broken in (data[:200], np.zeros(1000, np.uint8), data[:len(data) // 2]):
-        rc = fj.decode_crop(np.ascontiguousarray(broken), 375, 500, 0, 0, 375, 500, 64, 64,
-                            fj.ALL_LEVERS, dst, region)
-        assert rc in (-1, 0, 1)  # a truncated scan decodes as grey (libjpeg warns); garbage is -1
+    # headers without a scan and garbage are decode errors (-1); a scan cut in half decodes (1:
+    # the stream as it is, not spliced), the missing part grey (libjpeg warns)
+    for broken, expected in ((data[:200], -1), (np.zeros(1000, np.uint8), -1), (data[:len(data) // 2], 1)):
+        for flags in (0, fj.ALL_LEVERS, fj.DEFAULT_FLAGS):
+            rc = fj.decode_crop(np.ascontiguousarray(broken), 375, 500, 0, 0, 375, 500, 64, 64,
+                                flags, dst, region)
+            assert rc == expected, (len(broken), flags, rc)
     assert fj.decode_crop(data, 375, 500, 300, 0, 100, 10, 64, 64, fj.ALL_LEVERS, dst, region) == -3
     # a box on the bottom row at scale 1/8, and metadata taller than the JPEG, once made the row
     # loop spin forever (libjpeg returns no row past the end); run them in a thread with a deadline
@@ -199,7 +202,7 @@ def test_bad_input_is_an_error_not_a_crash(images):
         fj.decode_crop(grey, *c[:8], c[8], big, region) for c in calls), daemon=True)
     worker.start()
     worker.join(20)
-    assert not worker.is_alive() and len(codes) == 2 and all(c in (-1, 1) for c in codes)
+    assert not worker.is_alive() and codes == [1, 1]
     with pytest.raises(ValueError, match="unknown decoder lever 'fast'"):
         fj.parse_levers("splice,fast")
 

@@ -161,7 +161,9 @@ def test_create_teacher_loads_prefixed_checkpoint(tmp_path):
 
     raw = tmp_path / "raw.pt"
     torch.save(source.state_dict(), raw)
-    assert create_teacher("resnet18", raw, num_classes=4, device="cpu") is not None
+    with torch.no_grad():
+        torch.testing.assert_close(create_teacher("resnet18", raw, num_classes=4, device="cpu")(x),
+                                   source.eval()(x))
 
 
 def test_create_teacher_errors_name_the_file(tmp_path):
@@ -204,7 +206,9 @@ def test_create_teacher_reads_a_checkpoint_with_numpy_state(tmp_path):
     source = create_model("resnet18", num_classes=4)
     path = tmp_path / "ckpt.pt"
     torch.save({"model": source.state_dict(), "numpy_rng": np.random.get_state()}, path)
-    assert create_teacher("resnet18", path, num_classes=4, device="cpu") is not None
+    teacher = create_teacher("resnet18", path, num_classes=4, device="cpu")
+    for key, value in source.state_dict().items():
+        torch.testing.assert_close(teacher.state_dict()[key], value, rtol=0, atol=0)
 
 
 def test_sample_beta_stays_a_tensor_with_betas_moments():

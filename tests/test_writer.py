@@ -350,29 +350,32 @@ def test_sigkill_leaves_nothing_and_next_write_removes_the_partial(tmp_path, ite
 
 
 @pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_interrupt_removes_the_partial(tmp_path, stop_signal, capsys):
-    """Ctrl-C / SIGTERM to this very process while it writes (in-process: no start-up cost)."""
+def test_interrupt_removes_the_partial(tmp_path, stop_signal):
+    """Ctrl-C / SIGTERM to a writing `ffcv-imagenet write` process: exit 130, a message, nothing
+    left in the output folder, no worker left behind."""
+    import psutil
+
     root = blocking_folder(tmp_path / "slow")
     beton = tmp_path / "out" / "train.beton"
-    before = children_now()
-
-    def interrupt():
-        wait_for_workers(beton, os.getpid(), before=before)
-        os.kill(os.getpid(), stop_signal)
-
-    # A shell starting this test run in the background (`cmd &` without job control) makes the
-    # process ignore SIGINT, and Python keeps an ignored SIGINT ignored: Ctrl-C cannot happen
-    # there. Simulate a terminal's process with Python's usual handler.
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    sender = in_background(interrupt, root)
+    # a shell starting this test run in the background (`cmd &` without job control) makes its
+    # children ignore SIGINT, and Python keeps an ignored SIGINT ignored: give the writer a
+    # terminal process's default, as Ctrl-C finds it
+    process = subprocess.Popen(
+        [CLI, "write", f"--cfg.data_dir={root}", f"--cfg.write_path={beton}", "--cfg.split=train",
+         "--cfg.num_workers=2", "--cfg.chunk_size=4", "--cfg.max_resolution=32"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
-        rc = writer.main([f"--cfg.data_dir={root}", f"--cfg.write_path={beton}", "--cfg.split=train",
-                          "--cfg.num_workers=2", "--cfg.chunk_size=4", "--cfg.max_resolution=32"])
+        workers = wait_for_workers(beton, process.pid, process)
+        process.send_signal(stop_signal)
+        _, stderr = process.communicate(timeout=60)
+        _, alive = psutil.wait_procs(workers, timeout=10)
     finally:
-        signal.signal(signal.SIGINT, previous)
-    sender.join()
-    assert rc == 130
-    assert "interrupted; nothing was written" in capsys.readouterr().err
+        process.kill()
+        process.communicate()
+    assert process.returncode == 130, stderr
+    assert "interrupted; nothing was written" in stderr
+    assert alive == [], "workers outlived the interrupted write"
     assert list(beton.parent.iterdir()) == []
 
 
@@ -528,12 +531,19 @@ def test_missing_required_option_is_named(capsys):
 
 
 def test_too_little_free_disk_is_refused_before_writing(tmp_path, items, monkeypatch):
+    """The estimate covers the real file (and not by much), a disk one byte short of it is
+    refused before anything is written, and a disk that just holds it is accepted."""
     root = data.write_image_folder(tmp_path / "train", items)
+    real = write(root, tmp_path / "real" / "train.beton")
+    estimate = real["estimated_bytes"]
+    assert real["bytes"] <= estimate <= 1.5 * real["bytes"], real
     usage = writer.shutil.disk_usage(tmp_path)
-    monkeypatch.setattr(writer.shutil, "disk_usage", lambda _: usage._replace(free=1000))
-    with pytest.raises(WriterError, match="not enough free disk"):
+    monkeypatch.setattr(writer.shutil, "disk_usage", lambda _: usage._replace(free=estimate - 1))
+    with pytest.raises(WriterError, match=rf"not enough free disk.*\({estimate} bytes\)"):
         write(root, tmp_path / "out" / "train.beton")
     assert list((tmp_path / "out").iterdir()) == []
+    monkeypatch.setattr(writer.shutil, "disk_usage", lambda _: usage._replace(free=estimate))
+    assert write(root, tmp_path / "out" / "train.beton")["bytes"] == real["bytes"]
 
 
 def test_write_help_lists_every_option():
