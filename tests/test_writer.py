@@ -2,6 +2,7 @@
 bad files, interrupted writes, options and the free-disk check behave as documented."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -537,12 +538,12 @@ def test_too_little_free_disk_is_refused_before_writing(tmp_path, items, monkeyp
     real = write(root, tmp_path / "real" / "train.beton")
     estimate = real["estimated_bytes"]
     assert real["bytes"] <= estimate <= 1.5 * real["bytes"], real
-    usage = writer.shutil.disk_usage(tmp_path)
-    monkeypatch.setattr(writer.shutil, "disk_usage", lambda _: usage._replace(free=estimate - 1))
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: usage._replace(free=estimate - 1))
     with pytest.raises(WriterError, match=rf"not enough free disk.*\({estimate} bytes\)"):
         write(root, tmp_path / "out" / "train.beton")
     assert list((tmp_path / "out").iterdir()) == []
-    monkeypatch.setattr(writer.shutil, "disk_usage", lambda _: usage._replace(free=estimate))
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: usage._replace(free=estimate))
     assert write(root, tmp_path / "out" / "train.beton")["bytes"] == real["bytes"]
 
 

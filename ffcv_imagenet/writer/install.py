@@ -1,0 +1,127 @@
+"""Nothing half-written: samples go to `.<name>.partial-<pid>` beside the destination; when complete
+the partial is flushed, the metadata file written, then the partial renamed onto the destination.
+Partials of writers that no longer run (SIGKILLed) are removed by the next write to the folder."""
+
+import dataclasses
+import os
+import time
+from pathlib import Path
+
+from .beton import BetonStats
+from .options import WriterError, WriterOptions
+from .sources import ImageIndex
+
+
+def partial_path(write_path: Path, pid=None) -> Path:
+    return write_path.with_name(f".{write_path.name}.partial-{os.getpid() if pid is None else pid}")
+
+
+def remove_stale_partials(write_path: Path) -> list:
+    """Delete partials of `write_path` left by writers that no longer run (killed ones)."""
+    removed = []
+    prefix = f".{write_path.name}.partial-"
+    for entry in write_path.parent.iterdir():
+        if not entry.name.startswith(prefix):
+            continue
+        pid_text = entry.name[len(prefix):]
+        if not pid_text.isdigit():
+            continue
+        try:
+            os.kill(int(pid_text), 0)
+            continue  # that writer still runs
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        entry.unlink(missing_ok=True)
+        removed.append(str(entry))
+    return removed
+
+
+class Terminated(Exception):
+    pass
+
+
+def raise_terminated(signum, frame):
+    raise Terminated(f"stopped by signal {signum}")
+
+
+def prepare_destination(opts: WriterOptions) -> Path:
+    """The absolute .beton path; refuses a folder, or an existing file without overwrite."""
+    write_path = opts.write_path
+    destination = Path(write_path).absolute()
+    if destination.is_dir():
+        raise WriterError(f"cfg.write_path={write_path} is a folder; give a file path such as "
+                          f"{destination / (opts.split + '.beton')}")
+    if destination.exists() and not opts.overwrite:
+        raise WriterError(f"cfg.write_path={write_path} already exists; kept it. Pass "
+                          "--cfg.overwrite=1 (overwrite=True) to replace it")
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    return destination
+
+
+def metadata_record(index: ImageIndex, opts: WriterOptions, stats: BetonStats, num_bytes: int,
+                    images_found: int) -> dict:
+    """What goes into `<beton>.meta.json` (see metadata.py): class list, source, options, counts."""
+    from ffcv_imagenet import __version__
+
+    return {
+        "wnids": index.wnids,
+        "split": opts.split,
+        "source": index.source,
+        "options": {k: v for k, v in dataclasses.asdict(opts).items() if k not in ("data_dir", "write_path")},
+        "num_samples": stats.num_samples,
+        "num_classes": len(index.wnids),
+        "num_raw": stats.num_raw,
+        "num_jpeg": stats.num_jpeg,
+        "num_bytes": num_bytes,
+        "skipped": stats.skipped,
+        "images_found": images_found,
+        "writer": f"ffcv-imagenet {__version__}",
+        "ffcv_version": _ffcv_version(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def install(temp: Path, destination: Path, meta: dict) -> Path:
+    """Put the finished partial file and its metadata at the destination; returns the metadata path.
+
+    Order matters: old .beton gone -> new metadata -> new .beton renamed in. A crash at any point
+    leaves either no .beton at the destination or one whose metadata matches it.
+    """
+    from ffcv_imagenet.metadata import write_metadata
+
+    if destination.exists():
+        destination.unlink()
+    meta_file = write_metadata(destination, meta)
+    os.replace(temp, destination)
+    _fsync_folder(destination.parent)
+    return meta_file
+
+
+def threading_is_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _ffcv_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("ffcv")
+    except Exception:
+        return "unknown"
+
+
+def _fsync_folder(folder: Path):
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
