@@ -513,12 +513,28 @@ def test_bad_option_value_is_named(tmp_path, capsys, argument, named):
     assert named in capsys.readouterr().err
 
 
+def test_options_are_declared_once_and_checked_into_a_frozen_object():
+    import dataclasses
+
+    opts = writer.check_options({"split": "train", "data_dir": "in", "write_path": "out.beton",
+                                 "num_workers": 3})
+    assert [f.name for f in dataclasses.fields(opts)] == list(writer.OPTIONS)
+    assert opts.data_dir == os.path.abspath("in") and opts.classes == ""  # paths made absolute
+    assert opts.jpeg_quality == writer.OPTIONS["jpeg_quality"].default and opts.num_workers == 3
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        opts.jpeg_quality = 50
+    with pytest.raises(ValueError, match="unknown writer option 'jpeg_qualty'; did you mean 'jpeg_quality'"):
+        writer.check_options({"split": "train", "data_dir": "in", "write_path": "o", "jpeg_qualty": 80})
+    with pytest.raises(ValueError, match="unknown writer option 'jpeg_qualty'"):
+        write_dataset("in", "out.beton", split="train", jpeg_qualty=80)
+
+
 def test_config_file_is_read_and_checked(tmp_path):
     config = tmp_path / "write.yaml"
     config.write_text("cfg:\n  split: val\n  data_dir: in\n  write_path: out.beton\n"
                       "  max_resolution: 32\n")
     opts = writer.parse_args(["-C", str(config), "--cfg.jpeg_quality=80"])
-    assert (opts["split"], opts["max_resolution"], opts["jpeg_quality"]) == ("val", 32, 80)
+    assert (opts.split, opts.max_resolution, opts.jpeg_quality) == ("val", 32, 80)
     config.write_text(config.read_text() + "  jpeg_qualty: 80\n")
     hint = f"cfg.jpeg_qualty in {config}.*did you mean --cfg.jpeg_quality"
     with pytest.raises(ValueError, match=hint):

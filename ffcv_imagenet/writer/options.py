@@ -37,6 +37,7 @@ class Option:
     low: float = None
     high: float = None
     required: bool = False
+    path: bool = False  # made absolute when checked: the metadata outlives the working folder
 
     def constraint(self) -> str:
         if self.choices:
@@ -79,7 +80,7 @@ OPTIONS = {
     "split": Option(str, None, "which split this file holds (recorded in the metadata)",
                     choices=SPLITS, required=True),
     "data_dir": Option(str, None, "ImageFolder tree, flat image folder, or a .tar (or a folder "
-                       "holding ILSVRC2012_img_<split>.tar)", required=True),
+                       "holding ILSVRC2012_img_<split>.tar)", required=True, path=True),
     "write_path": Option(str, None, "output .beton path (metadata goes to <path>.meta.json)",
                          required=True),
     # 16384 px: a raw 16384^2 RGB image needs a 1 GiB page; the header stores the page size in
@@ -104,9 +105,9 @@ OPTIONS = {
     "num_workers": Option(int, 0, "worker processes; 0 = all cores", low=0),
     "chunk_size": Option(int, 100, "images handed to a worker at a time", low=1),
     "val_labels": Option(str, "", "labels for a flat val folder/tar: LOC_val_solution.csv or "
-                         "'<filename> <index|wnid>' lines"),
+                         "'<filename> <index|wnid>' lines", path=True),
     "classes": Option(str, "", "file of wnids, one a line, pinning the class set and order "
-                      "(or a .beton/.meta.json written by this tool)"),
+                      "(or a .beton/.meta.json written by this tool)", path=True),
     "overwrite": Option(bool, False, "replace an existing destination"),
     "skip_bad": Option(bool, False, "skip undecodable images and list them in the summary"),
 }
@@ -122,10 +123,6 @@ def default_num_workers() -> int:
 WriterOptions = dataclasses.make_dataclass(
     "WriterOptions", [(key, option.kind) for key, option in OPTIONS.items()], frozen=True)
 WriterOptions.__doc__ = "Every writer option, checked (check_options); fields as in OPTIONS."
-
-# options holding a path: made absolute, since the metadata outlives the working folder
-PATH_OPTIONS = ("data_dir", "val_labels", "classes")
-
 
 def check_options(values: dict) -> "WriterOptions":
     """Coerce and check every option in `values` (missing ones take their defaults); ValueError
@@ -149,6 +146,7 @@ def check_options(values: dict) -> "WriterOptions":
         raise ValueError("; ".join(errors))
     if resolved["num_workers"] == 0:
         resolved["num_workers"] = default_num_workers()
-    for key in PATH_OPTIONS:
-        resolved[key] = os.path.abspath(resolved[key]) if resolved[key] else ""
+    for key, option in OPTIONS.items():
+        if option.path and resolved[key]:
+            resolved[key] = os.path.abspath(resolved[key])
     return WriterOptions(**resolved)
