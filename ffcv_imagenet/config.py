@@ -259,7 +259,7 @@ def declare() -> Config:
     section(
         "logging", "run folder",
         folder=Param(StrictStr(), "the run folder itself (params.json, env.json, log.jsonl, checkpoint.pt)", default="runs/latest"),
-        progress=Param(StrictBool(), "tqdm progress bars on rank 0", default=True),
+        progress=Param(StrictBool(), "progress on rank 0: a bar on a terminal, a line every 30 s in a log", default=True),
     )
     return config
 

@@ -39,6 +39,7 @@ from ffcv_imagenet.config import load_config
 from ffcv_imagenet.data import create_train_loader, create_val_loader, prepare_batch
 from ffcv_imagenet.logger import RunLogger, environment
 from ffcv_imagenet.metadata import check_same_classes, read_metadata
+from ffcv_imagenet.progress import progress as progress_bar
 from ffcv_imagenet.schedules import lr_from_config, resolution_from_config, validation_passes
 
 # Test hook: "EPOCH:STEP" makes rank 0 (or "EPOCH:STEP:RANK": that rank) SIGKILL itself after
@@ -263,14 +264,6 @@ def compute_loss(model, images, labels, options: LossOptions, generator=None):
     return losses.cross_entropy(logits, targets, label_smoothing=options.label_smoothing)
 
 
-def _progress_bar(enabled: bool, total: int, desc: str):
-    if not enabled:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
-
-
 def train_one_epoch(trainer: Trainer, batches, *, epoch: int, steps_per_epoch: int, lr_fn,
                     generator=None, hooks: EpochHooks = EpochHooks()) -> dict:
     """One epoch of `steps_per_epoch` optimizer steps of `trainer.accum_steps` micro-batches each.
@@ -282,7 +275,7 @@ def train_one_epoch(trainer: Trainer, batches, *, epoch: int, steps_per_epoch: i
     dtype = DTYPES[t.precision]
     loss_sum = torch.zeros((), dtype=torch.float64, device=t.device)
     images_seen, lr = 0, None
-    bar = _progress_bar(hooks.progress, steps_per_epoch, f"epoch {epoch}")
+    bar = progress_bar(steps_per_epoch, f"epoch {epoch}", unit="step", enabled=hooks.progress)
     t.optimizer.zero_grad(set_to_none=True)
     for micro, (images, labels) in enumerate(batches):
         if micro >= steps_per_epoch * t.accum_steps:
@@ -308,14 +301,12 @@ def train_one_epoch(trainer: Trainer, batches, *, epoch: int, steps_per_epoch: i
         images_seen += len(y)
         if last_micro:
             _optimizer_step(t)
-            if bar is not None:
-                bar.update(1)
-                if step % 10 == 0:
-                    bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.4f}")
+            bar.update(1)
+            if hooks.progress and step % 10 == 0:
+                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.4f}")
             if hooks.on_step is not None:
                 hooks.on_step(step + 1)
-    if bar is not None:
-        bar.close()
+    bar.close()
     # the epoch's one host read: loss and image count summed over processes, on the device
     images_total = torch.full((), images_seen, dtype=torch.float64, device=t.device)
     loss_total, images = distributed.all_reduce_sum(torch.stack([loss_sum, images_total])).tolist()
@@ -337,12 +328,10 @@ def evaluate(model, batches, *, device, precision: str, lr_tta: bool = True, pro
     dtype = DTYPES[precision]
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top-1, top-5, count
     count = 0  # on the host: a device tensor made from it per batch would be a blocking copy
-    iterator = batches
-    if progress:
-        from tqdm import tqdm
-
-        iterator = tqdm(batches, desc="val", leave=False, dynamic_ncols=True)
-    for images, labels in iterator:
+    bar = progress_bar(len(batches) if hasattr(batches, "__len__") else None, "val", unit="batch",
+                       enabled=progress)
+    for images, labels in batches:
+        bar.update(1)
         x = prepare_batch(images, dtype=dtype)
         y = labels.to(torch.long, copy=True)
         count += len(y)
@@ -356,6 +345,7 @@ def evaluate(model, batches, *, device, precision: str, lr_tta: bool = True, pro
             (top5[:, 0] == y).sum().double(),
             (top5 == y[:, None]).any(dim=1).sum().double(),
         ])
+    bar.close()
     sums[3] = count
     distributed.all_reduce_sum(sums)
     count = max(1.0, sums[3].item())

@@ -104,7 +104,7 @@ def _run_workers(n: int, opts: WriterOptions, worker_args: tuple, progress: bool
     Raises WriterError for an undecodable image (unless opts.skip_bad), RuntimeError when a
     worker fails; the workers are stopped whatever happens.
     """
-    from tqdm import tqdm
+    from ..progress import progress as progress_bar
 
     context = multiprocessing.get_context("fork")
     tasks, results = context.Queue(), context.Queue()
@@ -120,7 +120,7 @@ def _run_workers(n: int, opts: WriterOptions, worker_args: tuple, progress: bool
     try:
         for w in workers:
             w.start()
-        with tqdm(total=n, unit="img", desc="writing", disable=not progress) as bar:
+        with progress_bar(total=n, unit="img", desc="writing", enabled=progress, leave=True) as bar:
             while len(finished) < num_workers:
                 message = _next_message(results, workers, finished)
                 if message is None:

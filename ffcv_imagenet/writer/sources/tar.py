@@ -37,15 +37,14 @@ def index_folder_of_tars(request: Request) -> "ImageIndex | None":
 def scan_tar(tar_path: Path, progress: bool):
     """Yield (class or None, member path, absolute data offset, size) for each image in the tar,
     descending one level into member tars. Only headers are read; data is skipped with seeks."""
-    from tqdm import tqdm
+    from ...progress import progress as progress_bar
 
     try:
         outer = tarfile.open(tar_path, mode="r:")
     except tarfile.ReadError as e:
         raise WriterError(f"{tar_path}: not an uncompressed tar ({e}); compressed archives cannot "
                           "be read in place, decompress them first") from None
-    with outer, tqdm(desc=f"indexing {tar_path.name}", unit=" members", disable=not progress,
-                     leave=False) as bar:
+    with outer, progress_bar(desc=f"indexing {tar_path.name}", unit=" members", enabled=progress) as bar:
         for member in outer:
             bar.update(1)
             if not member.isfile():
