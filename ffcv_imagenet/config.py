@@ -77,18 +77,25 @@ class StrictFloat(Checker):
         return "float" + _range_help(self.min, self.max)
 
 
-class StrictBool(Checker):
-    TRUE = ("1", "true", "yes", "on")
-    FALSE = ("0", "false", "no", "off")
+def parse_bool(value) -> bool:
+    """The one bool parser of every command (train keys, writer options): True/False, 0/1, and
+    the strings 1/true/yes/on and 0/false/no/off; anything else (the empty string included) is a
+    ValueError."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    text = value.strip().lower() if isinstance(value, str) else None
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("expected 0/1 or true/false")
 
+
+class StrictBool(Checker):
     def check(self, value):
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, int) and value in (0, 1):
-            return bool(value)
-        if isinstance(value, str) and value.strip().lower() in self.TRUE + self.FALSE:
-            return value.strip().lower() in self.TRUE
-        raise ValueError("expected 0/1 or true/false")
+        return parse_bool(value)
 
     def help(self):
         return "bool (0/1)"
@@ -284,16 +291,23 @@ class ConfigError(ValueError):
     """A config problem; the message names the file, key or value at fault."""
 
 
-def _nearest(name: str, candidates) -> str:
+def nearest(name: str, candidates) -> "str | None":
+    """The candidate closest to a mistyped `name`, or None (the one "did you mean" of every
+    command): the whole dotted name first, then the key part alone ("lr.rate" -> a key like it)."""
     close = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.5)
-    if not close:  # fall back to the key part alone ("lr.rate" -> any key ending like it)
+    if not close:
         key = name.split(".")[-1]
         by_key = {c.split(".")[-1]: c for c in candidates}
         close = [by_key[k] for k in difflib.get_close_matches(key, list(by_key), n=1, cutoff=0.6)]
-    return f"; did you mean '{close[0]}'?" if close else ""
+    return close[0] if close else None
 
 
-def _flatten(tree: dict, source: str, prefix="") -> dict:
+def _nearest(name: str, candidates) -> str:
+    close = nearest(name, candidates)
+    return f"; did you mean '{close}'?" if close else ""
+
+
+def flatten(tree: dict, source: str, prefix="") -> dict:
     """Nested (or dotted) mapping -> {'section.key': value}."""
     out = {}
     if not isinstance(tree, dict):
@@ -301,7 +315,7 @@ def _flatten(tree: dict, source: str, prefix="") -> dict:
     for key, value in tree.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict):
-            out.update(_flatten(value, source, name + "."))
+            out.update(flatten(value, source, name + "."))
         else:
             out[name] = value
     return out
@@ -361,8 +375,10 @@ def resolve(values: dict, source: str = "config") -> dict:
     return out
 
 
-def parse_cli(argv: list) -> tuple:
-    """argv -> (config files, {'section.key': 'string value'}) in order of appearance."""
+def parse_cli(argv: list, known=None) -> tuple:
+    """argv -> (config files, {'section.key': 'string value'}) in order of appearance; the one
+    reader of every `--section.key=value` command line. `known`: the valid `--section.key` names
+    for the hint on an argument that is not one (default: the training keys)."""
     files, values = [], {}
     i = 0
     while i < len(argv):
@@ -386,7 +402,7 @@ def parse_cli(argv: list) -> tuple:
                 value = "1"  # a bare flag: --training.resume
             values[name] = value
         else:
-            known = ["--config-file", "--help"] + ["--" + n for n in _entries(declare())]
+            known = ["--config-file", "--help"] + list(known or ["--" + n for n in _entries(declare())])
             raise ConfigError(f"command line: unknown argument '{arg}'{_nearest(arg, known)}")
         i += 1
     return files, values
@@ -420,7 +436,7 @@ def load_config(argv: list) -> dict:
     merged = {}
     for path in files:
         tree = load_config_file(path)
-        flat = _flatten(tree, path)
+        flat = flatten(tree, path)
         resolve(flat, source=path)  # name the file in which a bad key or value sits
         merged.update(flat)
     resolve(cli_values, source="command line")

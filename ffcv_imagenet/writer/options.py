@@ -8,6 +8,8 @@ import difflib
 import os
 from dataclasses import dataclass
 
+from ..config import parse_bool
+
 WRITE_MODES = ("raw", "jpg", "smart", "proportion")
 SPLITS = ("train", "val")
 RESTART_INTERVAL_DEFAULT = 2  # MCUs between JPEG restart markers (see restart_mcus); bench: +2.6% bytes
@@ -15,17 +17,6 @@ RESTART_INTERVAL_DEFAULT = 2  # MCUs between JPEG restart markers (see restart_m
 
 class WriterError(Exception):
     """A problem with the input or the options; the message names the file, key or value."""
-
-
-def _parse_bool(value):
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off", ""):
-        return False
-    raise ValueError("expected 0/1 (or true/false)")
 
 
 @dataclass(frozen=True)
@@ -57,7 +48,7 @@ class Option:
             return self.default
         try:
             if self.kind is bool:
-                result = _parse_bool(value)
+                result = parse_bool(value)
             elif self.kind is int:
                 if isinstance(value, float) and not value.is_integer():
                     raise ValueError
