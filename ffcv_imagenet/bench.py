@@ -35,6 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .host import cpu_cores
+
 # Reference, not measured here: torchvision resnet50 model-only img/s on one H100 80GB, channels-last,
 # fp16 autocast, batch 256 (ANCHORS.md, "Measured on the lent GPU machine", 2026-11-23).
 H100_RESNET50_IMG_S = {160: 7815, 192: 6020, 224: 4612}
@@ -516,7 +518,7 @@ def machine() -> dict:
     from .logger import cpu_model
     from .distributed import cpu_has_fast_bf16
 
-    return {"cpu": cpu_model() or platform.processor() or "", "cores": len(os.sched_getaffinity(0)),
+    return {"cpu": cpu_model() or platform.processor() or "", "cores": cpu_cores(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_native_bf16": cpu_has_fast_bf16(),
             "python": platform.python_version(), "torch": torch.__version__,
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
@@ -584,7 +586,7 @@ def run(args, log=print) -> dict:
     from . import fastjpeg
     from .writer import RESTART_INTERVAL_DEFAULT
 
-    cores = len(os.sched_getaffinity(0))
+    cores = cpu_cores()
     workers = args.workers or cores
     restart = RESTART_INTERVAL_DEFAULT if args.restart_interval is None else args.restart_interval
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="ffcv_imagenet_bench_"))

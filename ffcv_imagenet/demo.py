@@ -17,6 +17,8 @@ import time
 from importlib import resources
 from pathlib import Path
 
+from ffcv_imagenet.host import cpu_cores
+
 
 def demo_preset() -> Path:
     return Path(str(resources.files("ffcv_imagenet") / "presets" / "demo.yaml"))
@@ -68,11 +70,9 @@ def main(argv=None) -> int:
     if bad:
         parser.error(f"unrecognized arguments: {' '.join(bad)} (engine overrides look like --training.epochs=4)")
 
-    import os
-
     t0 = time.time()
     out = Path(args.out).resolve()
-    workers = max(1, os.cpu_count() or 1)
+    workers = cpu_cores()
     print(f"[1/3] data: shapes dataset, 10 classes -> {out}", flush=True)
     betons = prepare_data(out, args.train_per_class, args.val_per_class, args.size, workers)
     print(f"      data ready in {time.time() - t0:.1f} s", flush=True)

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ffcv_imagenet.host import cpu_cores  # noqa: F401  (distributed.cpu_cores, as callers use it)
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -33,13 +35,6 @@ class DistInfo:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-
-def cpu_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS
-        return os.cpu_count() or 1
 
 
 def cpu_has_fast_bf16() -> bool:

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ffcv_imagenet.host import cpu_cores
+
 JPEG_MODE, RAW_MODE = 0, 1  # ffcv's IMAGE_MODES
 CURRENT_FORMAT = 2  # ffcv.types.CURRENT_VERSION, the header version ffcv 1.0 writes
 
@@ -106,7 +108,7 @@ def _verify_range(path, start, stop):
 def verify_images(path, num_samples, num_workers=None, chunk=2000) -> list:
     """Decode every image; returns [(sample index, error)] for those that fail."""
     ranges = [(str(path), s, min(num_samples, s + chunk)) for s in range(0, num_samples, chunk)]
-    num_workers = num_workers or len(os.sched_getaffinity(0))
+    num_workers = num_workers or cpu_cores()
     if num_workers <= 1 or len(ranges) <= 1:
         return [f for r in ranges for f in _verify_range(*r)]
     with multiprocessing.get_context("fork").Pool(min(num_workers, len(ranges))) as pool:

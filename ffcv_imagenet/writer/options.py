@@ -9,6 +9,7 @@ import os
 from dataclasses import dataclass
 
 from ..config import parse_bool
+from ..host import cpu_cores
 
 WRITE_MODES = ("raw", "jpg", "smart", "proportion")
 SPLITS = ("train", "val")
@@ -104,13 +105,6 @@ OPTIONS = {
 }
 
 
-def default_num_workers() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
 WriterOptions = dataclasses.make_dataclass(
     "WriterOptions", [(key, option.kind) for key, option in OPTIONS.items()], frozen=True)
 WriterOptions.__doc__ = "Every writer option, checked (check_options); fields as in OPTIONS."
@@ -136,7 +130,7 @@ def check_options(values: dict) -> "WriterOptions":
     if errors:
         raise ValueError("; ".join(errors))
     if resolved["num_workers"] == 0:
-        resolved["num_workers"] = default_num_workers()
+        resolved["num_workers"] = cpu_cores()
     for key, option in OPTIONS.items():
         if option.path and resolved[key]:
             resolved[key] = os.path.abspath(resolved[key])
