@@ -17,6 +17,7 @@ arguments. Nothing is declared at import time: `declare()` builds a fresh fastar
 """
 
 import difflib
+import json
 import os
 import sys
 
@@ -291,6 +292,17 @@ class ConfigError(ValueError):
     """A config problem; the message names the file, key or value at fault."""
 
 
+class BareFlag(str):
+    """The value of a `--section.key` given with no value: "1", which only a bool key accepts
+    (`needs_value` refuses it for every other key, instead of reading it as the number 1)."""
+
+
+def needs_value(name: str, value) -> None:
+    """Refuse a bare flag for a key that is not a bool (call before checking a non-bool value)."""
+    if isinstance(value, BareFlag):
+        raise ValueError(f"--{name} needs a value (--{name}=VALUE)")
+
+
 def nearest(name: str, candidates) -> "str | None":
     """The candidate closest to a mistyped `name`, or None (the one "did you mean" of every
     command): the whole dotted name first, then the key part alone ("lr.rate" -> a key like it)."""
@@ -342,8 +354,12 @@ def load_config_file(path, _seen=()) -> dict:
     if not os.path.exists(path):
         raise ConfigError(f"config file not found: {path}")
     with open(path) as f:
+        text = f.read()
+    try:  # JSON first (YAML refuses JSON's tab indentation), then YAML
+        tree = json.loads(text)
+    except json.JSONDecodeError:
         try:
-            tree = yaml.safe_load(f) or {}
+            tree = yaml.safe_load(text) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML ({e})") from None
     if not isinstance(tree, dict):
@@ -366,6 +382,8 @@ def resolve(values: dict, source: str = "config") -> dict:
         if name not in entries:
             raise ConfigError(f"{source}: unknown key '{name}'{_nearest(name, entries)}")
         try:
+            if not isinstance(entries[name].checker, StrictBool):
+                needs_value(name, raw)
             value = entries[name].checker.check(raw)
         except (ValueError, TypeError) as e:
             raise ConfigError(f"{source}: invalid value {raw!r} for '{name}' "
@@ -395,17 +413,26 @@ def parse_cli(argv: list, known=None) -> tuple:
             name = arg[2:]
             if "=" in name:
                 name, value = name.split("=", 1)
-            elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            elif i + 1 < len(argv) and (not argv[i + 1].startswith("-") or _is_number(argv[i + 1])):
                 value = argv[i + 1]
                 i += 1
             else:
-                value = "1"  # a bare flag: --training.resume
+                value = BareFlag("1")  # a bare flag: --training.resume
             values[name] = value
         else:
-            known = ["--config-file", "--help"] + list(known or ["--" + n for n in _entries(declare())])
+            valid = list(known) if known is not None else ["--" + n for n in _entries(declare())]
+            known = ["--config-file", "--help"] + valid
             raise ConfigError(f"command line: unknown argument '{arg}'{_nearest(arg, known)}")
         i += 1
     return files, values
+
+
+def _is_number(token: str) -> bool:
+    try:
+        float(token)
+        return True
+    except ValueError:
+        return False
 
 
 def help_text() -> str:

@@ -257,7 +257,7 @@ def _cli_values(argv) -> dict:
     """{'section.key': value} of a launch's arguments, parsed as `train` parses them; {} for an
     argument list this version cannot parse (a flag it no longer knows)."""
     try:
-        return parse_cli(argv)[1]
+        return parse_cli(argv, known=())[1]  # no hint wanted: it would import every module
     except ConfigError:
         return {}
 

@@ -41,6 +41,14 @@ def test_unknown_cli_key_names_it_and_the_nearest(argv, named, nearest):
     assert "command line" in message and f"'{named}'" in message and f"'{nearest}'" in message
 
 
+def test_a_bare_flag_is_for_bool_keys_only():
+    """A bare `--training.epochs` is not the number 1; a negative number may follow its key."""
+    with pytest.raises(ConfigError, match=r"--training.epochs needs a value \(--training.epochs=VALUE\)"):
+        load_config(DATA + ["--training.epochs", "--training.resume"])
+    with pytest.raises(ConfigError, match="'lr.lr'.*must be > 0"):  # read as the value -0.5
+        load_config(DATA + ["--lr.lr", "-0.5"])
+
+
 def test_unknown_plain_argument_is_refused():
     with pytest.raises(ConfigError, match="unknown argument 'epochs=3'"):
         load_config(DATA + ["epochs=3"])

@@ -541,6 +541,22 @@ def test_config_file_is_read_and_checked(tmp_path):
         writer.parse_args(["-C", str(config)])
 
 
+def test_bare_flags_are_for_yes_no_options_only(tmp_path):
+    """`--cfg.overwrite` alone means 1; a bare option of another type is refused, not read as 1
+    (`--cfg.write_path --cfg.subset=3` once meant a file named "1"); a -C after a bare flag is a
+    file, not the flag's value; a JSON file with tab indentation is read."""
+    required = ["--cfg.split=train", "--cfg.data_dir=in"]
+    with pytest.raises(ValueError, match=r"--cfg.write_path needs a value \(--cfg.write_path=VALUE\)"):
+        writer.parse_args([*required, "--cfg.write_path", "--cfg.subset=3"])
+    config = tmp_path / "w.json"
+    config.write_text('{\n\t"cfg": {\n\t\t"max_resolution": 32\n\t}\n}\n')
+    opts = writer.parse_args([*required, "--cfg.write_path=o.beton", "--cfg.overwrite", "-C", str(config)])
+    assert opts.overwrite is True and opts.max_resolution == 32
+    with pytest.raises(ValueError, match="unknown option --split in .*did you mean --cfg.split"):
+        config.write_text("split: train\n")
+        writer.parse_args([*required, "--cfg.write_path=o.beton", "-C", str(config)])
+
+
 def test_missing_required_option_is_named(capsys):
     assert writer.main(["--cfg.split=train"]) == 2
     err = capsys.readouterr().err

@@ -63,10 +63,10 @@ def _unknown(values: dict, where: str) -> list:
     for name in values:
         if name in known:
             continue
-        section = name.split(".", 1)[0]
-        close = nearest(name if "." in name else f"cfg.{name}", known)
+        section = name.split(".", 1)[0] if "." in name else None
+        close = nearest(name if section else f"cfg.{name}", known)
         hint = f"; did you mean --{close}?" if close else ""
-        if section != "cfg":
+        if section is not None and section != "cfg":
             errors.append(f"unknown section '{section}' in --{name} {where} (the writer's options "
                           f"are all under cfg){hint}")
         else:

@@ -8,7 +8,7 @@ import difflib
 import os
 from dataclasses import dataclass
 
-from ..config import parse_bool
+from ..config import needs_value, parse_bool
 from ..host import cpu_cores
 
 WRITE_MODES = ("raw", "jpg", "smart", "proportion")
@@ -47,6 +47,8 @@ class Option:
             if self.required:
                 raise ValueError(f"cfg.{key} is required ({self.desc})")
             return self.default
+        if self.kind is not bool:
+            needs_value(f"cfg.{key}", value)
         try:
             if self.kind is bool:
                 result = parse_bool(value)
