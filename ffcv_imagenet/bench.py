@@ -108,7 +108,8 @@ def payload_bytes(beton: Path) -> int:
 
 # --------------------------------------------------------------------------- writers
 
-def write_ours(folder, path, workers, restart_interval, write_mode="jpg") -> float:
+def write_ours(folder, path, workers, restart_interval=None, write_mode="jpg") -> float:
+    """This toolkit's writer; restart_interval None: the writer's default (options.OPTIONS)."""
     from .writer import write_dataset
 
     start = time.perf_counter()
@@ -584,17 +585,15 @@ def parse_args(argv):
 
 def run(args, log=print) -> dict:
     from . import fastjpeg
-    from .writer import RESTART_INTERVAL_DEFAULT
 
     cores = cpu_cores()
     workers = args.workers or cores
-    restart = RESTART_INTERVAL_DEFAULT if args.restart_interval is None else args.restart_interval
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="ffcv_imagenet_bench_"))
     workdir.mkdir(parents=True, exist_ok=True)
     result = {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "command": "ffcv-imagenet bench " + " ".join(args.argv),
               "machine": machine(), "workers": workers, "resolution": args.res,
               "batch_size": args.batch_size, "arch": args.arch,
-              "model_resolution": args.model_res or args.res, "restart_interval": restart,
+              "model_resolution": args.model_res or args.res,
               "decoder_levers": sorted(k for k, v in fastjpeg.LEVERS.items() if v & fastjpeg.DEFAULT_FLAGS),
               "extra_resolutions": args.extra_res}
     try:
@@ -603,7 +602,7 @@ def run(args, log=print) -> dict:
             shutil.rmtree(folder)
         log(f"[bench] preparing {args.count} images in {folder}")
         result["images"] = prepare_images(folder, args.images, args.distinct, args.count)
-        files = write_files(args, folder, workdir, workers, restart, result, log)
+        files = write_files(args, folder, workdir, workers, result, log)
         result.update(measure(loader_passes(args, files, folder, workers, log), args.seconds, log=log))
         if workers == 1:
             for key in ("loader", "ffcv_loader", "ffcv_raw50_loader", "torchvision_loader", "dali_loader"):
@@ -627,14 +626,17 @@ def run(args, log=print) -> dict:
     return result
 
 
-def write_files(args, folder: Path, workdir: Path, workers: int, restart: int, result: dict,
-                log) -> dict:
+def write_files(args, folder: Path, workdir: Path, workers: int, result: dict, log) -> dict:
     """The three .beton files the loaders read (ours; ffcv's JPEG; ffcv's 50% raw), with the
-    writers' rates and the files' sizes into `result`; returns their paths by name."""
+    writers' rates, the restart interval ours was written with and the files' sizes into
+    `result`; returns their paths by name."""
+    from .metadata import read_metadata
+
     files = {"ours": workdir / "ours.beton", "ffcv_jpg": workdir / "ffcv_jpg.beton",
              "raw50": workdir / "ffcv_raw50.beton"}
     log("[bench] writing .beton files (ours: JPEG q90 + restart markers; ffcv: JPEG q90; ffcv: 50% raw)")
-    t_ours = write_ours(folder, files["ours"], workers, restart)
+    t_ours = write_ours(folder, files["ours"], workers, args.restart_interval)
+    result["restart_interval"] = read_metadata(files["ours"])["options"]["restart_interval"]
     t_ffcv = write_ffcv(folder, files["ffcv_jpg"], workers)
     write_ffcv(folder, files["raw50"], workers, write_mode="proportion")
     n = result["images"]["count"]

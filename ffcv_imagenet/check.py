@@ -322,11 +322,10 @@ def correctness(steps: Steps, device_types: list, workdir: Path, n_steps: int) -
 def speed_beton(workdir: Path, count: int, workers: int) -> tuple:
     """A .beton of `count` photo-like JPEGs at max side 500, q90, as `bench` writes them."""
     from .bench import prepare_images, write_ours
-    from .writer import RESTART_INTERVAL_DEFAULT
 
     folder, beton = workdir / "speed_images", workdir / "speed.beton"
     images = prepare_images(folder, None, distinct=min(64, count), count=count)
-    seconds = write_ours(folder, beton, workers, RESTART_INTERVAL_DEFAULT)
+    seconds = write_ours(folder, beton, workers)
     return (f"{images['count']} JPEGs ({images['distinct']} distinct) written in {seconds:.1f} s, "
             f"{beton.stat().st_size / 2**20:.0f} MiB"), beton
 
