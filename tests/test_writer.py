@@ -152,6 +152,65 @@ def test_tar_of_class_folders(tmp_path, items):
     assert labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
 
 
+def _linked_tree(root: Path, items) -> list:
+    """Class folders whose files are hard links to a pool of 3 JPEGs (as a benchmark builds large
+    sources); returns each file's (wnid, name, content)."""
+    pool = root / "pool"
+    pool.mkdir(parents=True)
+    for k, (_, _, content) in enumerate(items[:3]):
+        (pool / f"{k}.JPEG").write_bytes(content)
+    files = []
+    for n, (wnid, stem, _) in enumerate(items):
+        (root / "tree" / wnid).mkdir(parents=True, exist_ok=True)
+        os.link(pool / f"{n % 3}.JPEG", root / "tree" / wnid / f"{stem}.JPEG")
+        files.append((wnid, f"{stem}.JPEG", items[n % 3][2]))
+    return files
+
+
+def test_hard_linked_tar_members_are_samples_with_their_targets_data(tmp_path, items):
+    """tarfile (like GNU tar) stores the second and later names of one inode as hard-link members
+    without data: each is a sample, read from the member it names, in a tar of class folders and
+    in a tar of class tars alike; none is dropped."""
+    import tarfile
+
+    from ffcv_imagenet.writer.sources import read_bytes
+
+    files = _linked_tree(tmp_path, items)
+    folders_tar = tmp_path / "folders.tar"
+    with tarfile.open(folders_tar, "w") as archive:
+        archive.add(tmp_path / "tree", arcname="train")
+    class_tars = tmp_path / "class_tars.tar"
+    with tarfile.open(class_tars, "w") as outer:
+        for wnid in sorted({w for w, _, _ in files}):
+            inner = tmp_path / f"{wnid}.tar"
+            with tarfile.open(inner, "w") as archive:
+                archive.add(tmp_path / "tree" / wnid, arcname=".")
+            outer.add(inner, arcname=f"{wnid}.tar")
+    with tarfile.open(folders_tar) as archive:
+        assert sum(m.islnk() for m in archive) == len(items) - 3  # the links are there
+    expected = sorted((w, name, content) for w, name, content in files)
+    for tar in (folders_tar, class_tars):
+        index = writer.index_input(tar, "train")
+        assert len(index) == len(items)
+        got = sorted((index.wnids[index.labels[i]], os.path.basename(index.name(i)), read_bytes(index, i))
+                     for i in range(len(index)))
+        assert got == expected
+
+
+def test_symbolic_link_tar_members_are_refused_with_their_count(tmp_path, items):
+    import tarfile
+
+    tar = tmp_path / "links.tar"
+    with tarfile.open(tar, "w") as archive:
+        data.add_tar_member(archive, "train/n01/a.JPEG", items[0][2])
+        for name in ("b", "c"):
+            link = tarfile.TarInfo(f"train/n01/{name}.JPEG")
+            link.type, link.linkname = tarfile.SYMTYPE, "a.JPEG"
+            archive.addfile(link)
+    with pytest.raises(WriterError, match=r"links.tar: 2 image members are symbolic links.*train/n01/b.JPEG"):
+        writer.index_input(tar, "train")
+
+
 def test_raw_images_over_several_pages_with_two_workers(tmp_path):
     """18 raw images of 1.1 MB fill three 8 MiB pages, written by two workers in turn."""
     root = tmp_path / "big"
