@@ -328,7 +328,7 @@ def training_rate(arch, res, batch, seconds, batches=None, log=print, model=None
             torch.cuda.synchronize()
         return out["images"], time.perf_counter() - start
 
-    torch.set_num_threads(len(os.sched_getaffinity(0)))  # ffcv's Loader lowers it when iterated
+    torch.set_num_threads(cpu_cores())  # ffcv's Loader lowers it when iterated
     warm_until = time.perf_counter() + min(seconds, 5.0)
     # warm-up: allocator, oneDNN/cudnn kernel selection, the loader's first batches
     _, first_s = run(2)
