@@ -22,7 +22,6 @@ Loader passes of all configurations are interleaved round by round, so that the 
 drift falls on all of them alike; ratios taken in one run are the result, not absolute rates.
 """
 
-import argparse
 import copy
 import json
 import os
@@ -35,6 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .command import Command, Option
+from .config import ConfigError
 from .host import cpu_cores
 
 # Reference, not measured here: torchvision resnet50 model-only img/s on one H100 80GB, channels-last,
@@ -45,7 +46,7 @@ MAX_SIDE = 500
 QUALITY = 90
 SYNTHETIC_SIZES = ((375, 500), (500, 375), (333, 500), (500, 500), (281, 500), (500, 400))
 MODEL_PARTS = ("training", "precision", "mish", "attention")   # the parts that time training steps
-PARTS = ("torchvision", "dali", *MODEL_PARTS, "writer")   # what --skip can leave out
+PARTS = ("torchvision", "dali", *MODEL_PARTS, "writer")   # what bench.skip can leave out
 
 
 # --------------------------------------------------------------------------- inputs
@@ -64,7 +65,7 @@ def prepare_images(folder: Path, source, distinct: int, count: int, seed: int = 
         files = sorted(p for p in Path(source).rglob("*")
                        if p.suffix.lower() in (".jpeg", ".jpg", ".png"))
         if not files:
-            raise SystemExit(f"ffcv-imagenet bench: no .JPEG/.jpg/.png files under --images {source}")
+            raise SystemExit(f"ffcv-imagenet bench: no .JPEG/.jpg/.png files under bench.images={source}")
         for path in files[:distinct] if distinct else files:
             image = cv2.imread(str(path), cv2.IMREAD_COLOR)
             if image is None:
@@ -527,59 +528,53 @@ def machine() -> dict:
 
 # --------------------------------------------------------------------------- main
 
+COMMAND = Command("bench", "bench", (
+    "Loader, writer and training throughput on the same images, in one run, as ratios (this toolkit "
+    "vs stock ffcv 1.0.2, ffcv's 50%-raw files, torchvision, DALI)."), {
+    "images": Option(str, "", "folder of JPEGs to use, searched recursively (e.g. "
+                     "../shared/data/imagenet-samples-315); empty: photo-like synthetic images", path=True),
+    "distinct": Option(int, None, "distinct images (default: all of bench.images, or 64 synthetic; "
+                       "quick: 24)", low=1),
+    "count": Option(int, None, "images after replication by hard links (default 3150; quick: 192)", low=1),
+    "res": Option(int, None, "training crop in px (default 160; quick: 64)", low=8),
+    "extra_res": Option(int, None, "more crops for per-core rates and the projection (default "
+                        "192,224; quick: none)", low=8, many=True),
+    "batch_size": Option(int, None, "loader batch (default 128; quick: 32)", low=1),
+    "workers": Option(int, 0, "'all cores' worker count; 0 = all cores", low=0),
+    "seconds": Option(float, None, "minimum timed seconds per loader configuration (default 8; "
+                      "quick: 0.5)", low=0.0),
+    "arch": Option(str, None, "model for the training rates (default resnet50; quick: resnet18)"),
+    "model_res": Option(int, None, "model resolution (default: bench.res)", low=8),
+    "model_batch": Option(int, None, "training batch (default 64 on CPU, 256 on CUDA; quick: 8)", low=1),
+    "train_seconds": Option(float, None, "minimum timed seconds for each training rate (default 20; "
+                            "quick: 1)", low=0.0),
+    "restart_interval": Option(int, None, "writer's restart interval for this toolkit's file "
+                               "(default: the writer's)", low=0),
+    "levers": Option(bool, True, "the one-lever-at-a-time decoder study (quick: off)"),
+    "skip": Option(str, (), "parts to leave out", choices=PARTS, many=True),
+    "workdir": Option(str, "", "keep the images and .beton files here (default: a temporary "
+                      "folder, removed)", path=True),
+    "json": Option(str, "", "write every rate, size and ratio to this JSON file", path=True),
+    "quick": Option(bool, False, "small, fast run (CI): 192 tiny-model images at 64 px, no lever study"),
+})
+
+
 def parse_args(argv):
-    p = argparse.ArgumentParser(
-        prog="ffcv-imagenet bench",
-        description="Loader, writer and training throughput on the same images, in one run, as ratios "
-                    "(this toolkit vs stock ffcv 1.0.2, ffcv's 50%-raw files, torchvision, DALI).")
-    p.add_argument("--images", default=None,
-                   help="folder of JPEGs to use (searched recursively; e.g. ../shared/data/imagenet-samples-315); "
-                        "default: photo-like synthetic images")
-    p.add_argument("--distinct", type=int, default=None,
-                   help="distinct images (default: all of --images, or 64 synthetic; --quick: 24)")
-    p.add_argument("--count", type=int, default=None,
-                   help="images after replication by hard links (default 3150; --quick: 192)")
-    p.add_argument("--res", type=int, default=None, help="training crop in px (default 160; --quick: 64)")
-    p.add_argument("--extra-res", default=None,
-                   help="more crops for per-core rates and the projection, comma-separated "
-                        "(default 192,224; --quick: none)")
-    p.add_argument("--batch-size", type=int, default=None, help="loader batch (default 128; --quick: 32)")
-    p.add_argument("--workers", type=int, default=0, help="'all cores' worker count (default: all cores)")
-    p.add_argument("--seconds", type=float, default=None,
-                   help="minimum timed seconds per loader configuration (default 8; --quick: 0.5)")
-    p.add_argument("--arch", default=None, help="model for the training rates (default resnet50; --quick: resnet18)")
-    p.add_argument("--model-res", type=int, default=None, help="model resolution (default: --res)")
-    p.add_argument("--model-batch", type=int, default=None,
-                   help="training batch (default 64 on CPU, 256 on CUDA; --quick: 8)")
-    p.add_argument("--train-seconds", type=float, default=None,
-                   help="minimum timed seconds for each training rate (default 20; --quick: 1)")
-    p.add_argument("--restart-interval", type=int, default=None,
-                   help="writer's restart interval for this toolkit's file (default: the writer's)")
-    p.add_argument("--no-levers", action="store_true", help="skip the one-lever-at-a-time study")
-    p.add_argument("--skip", default="", help="comma-separated parts to skip: " + ",".join(PARTS))
-    p.add_argument("--workdir", default=None,
-                   help="keep the images and .beton files here (default: a temp dir, removed)")
-    p.add_argument("--json", default=None, help="write every rate, size and ratio to this JSON file")
-    p.add_argument("--quick", action="store_true",
-                   help="small, fast run (CI): 192 tiny-model images at 64 px, no lever study")
-    args = p.parse_args(argv)
+    """The bench's settings: the command line, then the defaults that depend on bench.quick."""
+    args = COMMAND.parse(argv)
     quick = args.quick
     defaults = dict(distinct=24 if quick else (0 if args.images else 64), count=192 if quick else 3150,
-                    res=64 if quick else 160, extra_res="" if quick else "192,224",
+                    res=64 if quick else 160, extra_res=() if quick else (192, 224),
                     batch_size=32 if quick else 128, seconds=0.5 if quick else 8.0,
                     arch="resnet18" if quick else "resnet50", train_seconds=1.0 if quick else 20.0)
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     if quick:
-        args.no_levers = True  # seven more compiled loaders; the full run measures them
-    args.extra_res = [int(x) for x in str(args.extra_res).split(",") if x.strip()]
-    args.skip = {x.strip() for x in args.skip.split(",") if x.strip()}
-    unknown = args.skip - set(PARTS)
-    if unknown:
-        p.error(f"--skip: unknown part(s) {sorted(unknown)}; choose from {', '.join(PARTS)}")
+        args.levers = False  # seven more compiled loaders; the full run measures them
+    args.skip = set(args.skip)
     if args.images and not Path(args.images).is_dir():
-        p.error(f"--images {args.images}: not a folder")
+        raise ConfigError(f"bench.images={args.images}: not a folder")
     return args
 
 
@@ -608,7 +603,7 @@ def run(args, log=print) -> dict:
             for key in ("loader", "ffcv_loader", "ffcv_raw50_loader", "torchvision_loader", "dali_loader"):
                 if f"{key}_1core_img_s" in result:
                     result[f"{key}_img_s"] = result[f"{key}_1core_img_s"]
-        if not args.no_levers:
+        if args.levers:
             log("[bench] decoder levers, one at a time, 1 worker")
             result["levers_1core_img_s"] = measure(lever_passes(args, files), args.seconds, log=log)
         if args.extra_res:
@@ -766,7 +761,10 @@ def ratios(result: dict, extra_res) -> dict:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse_args(argv)
+    try:
+        args = parse_args(argv)
+    except ValueError as e:
+        return COMMAND.refuse(e)
     args.argv = argv
     result = run(args)
     m = result["machine"]

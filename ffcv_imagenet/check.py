@@ -12,20 +12,19 @@ step printed as it passes or fails:
                 step
   speed         ResNet-50 channels-last training img/s on the fastest device: model only (a
                 batch already on the device) and end to end (fed by the loader), at 160 px (and
-                192, 224 unless --quick), eager and torch.compile (not under --quick); the
+                192, 224 unless check.quick), eager and torch.compile (not when quick); the
                 loader's img/s with all cores and with one; end to end / model only
-  preset run    with --data DIR (an ImageFolder with train/ and val/, e.g. Imagenette): the
-                .beton files written and a named preset (--preset) trained on this machine,
+  preset run    with --check.data=DIR (an ImageFolder with train/ and val/, e.g. Imagenette):
+                the .beton files written and a preset (--check.preset) trained on this machine,
                 logged like any run (log.jsonl, time to accuracy)
-  plan          with --preset FILE (and --train-beton FILE): minutes per epoch and for the run
+  plan          with --check.preset=FILE (and --check.train_beton=FILE): minutes per epoch and the run
                 on this machine from the measured rates (a projection), the limit (loader or
                 model), cores per GPU the loader needs, whether the file fits in RAM
 
-Everything goes to OUT/check.json (and OUT/check.md, the table). `--render DIR...` instead
+Everything goes to OUT/check.json (and OUT/check.md, the table). `--check.render=DIR,...` instead
 rebuilds the README's machine-check section from committed check.json files.
 """
 
-import argparse
 import json
 import platform
 import sys
@@ -35,8 +34,11 @@ from pathlib import Path
 
 import numpy as np
 
+from .command import Command, Option
+from .config import ConfigError
+
 SECTION = "check"
-# --modes: eager, or torch.compile with these options (reduce-overhead: CUDA graphs;
+# check.modes: eager, or torch.compile with these options (reduce-overhead: CUDA graphs;
 # max-autotune: inductor's kernel search, CUDA graphs too)
 COMPILE_MODES = {"compile": {}, "reduce-overhead": {"mode": "reduce-overhead"},
                  "max-autotune": {"mode": "max-autotune"}}
@@ -461,7 +463,7 @@ def write_data(data_dir: Path, out: Path, max_resolution: int, workers: int) -> 
     for split in ("train", "val"):
         source, beton = data_dir / split, out / f"{split}.beton"
         if not source.is_dir():
-            raise FileNotFoundError(f"--data {data_dir}: no {split}/ folder "
+            raise FileNotFoundError(f"check.data={data_dir}: no {split}/ folder "
                                     "(ImageFolder layout expected)")
         if not beton.exists():
             write_dataset(source, beton, split=split, max_resolution=max_resolution,
@@ -479,7 +481,7 @@ def preset_run(preset: Path, betons: dict, folder: Path, device) -> tuple:
     import subprocess
 
     if (folder / "log.jsonl").exists():
-        raise FileExistsError(f"{folder} already holds a run; choose another --out")
+        raise FileExistsError(f"{folder} already holds a run; choose another --check.out")
     command = [sys.executable, "-m", "ffcv_imagenet.train", "--config-file", str(preset),
                f"--data.train_dataset={betons['train']}", f"--data.val_dataset={betons['val']}",
                f"--logging.folder={folder}", f"--training.device={device.type}"]
@@ -635,7 +637,7 @@ def render_readme(folders: list, readme: Path) -> str:
         passed = sum(c["status"] == "pass" for c in r["checks"])
         lines.append(
             f"| {machine_name(r)} | {r['date'][:10]} | {(r.get('versions') or {}).get('torch')} | "
-            f"{'--quick' if r.get('quick') else 'full'} | {passed} passed, {len(r['failed'])} "
+            f"{'quick' if r.get('quick') else 'full'} | {passed} passed, {len(r['failed'])} "
             f"failed | {_rates(best_mode(s.get('model', {})))} | {_rates(ratios, 2)} | "
             f"{_rates(s.get('loader_img_s') or {})} | `{path}` |")
     if not files:
@@ -647,78 +649,71 @@ def render_readme(folders: list, readme: Path) -> str:
 
 # --------------------------------------------------------------------------- main
 
+COMMAND = Command("check", "check", __doc__.split("\n\n")[0].split(": ", 1)[1], {
+    "quick": Option(bool, False, "160 px only, eager only, short timings, small data (under 2 "
+                    "minutes on a 2-core CPU)"),
+    "out": Option(str, "check_out", "folder for check.json, check.md and the check.data run's logs",
+                  path=True),
+    "workdir": Option(str, "", "keep the generated images and .beton files here (default: a "
+                      "temporary folder, removed at the end)", path=True),
+    "device": Option(str, "auto", "auto: the CPU and, when visible, CUDA (speed on the fastest); "
+                     "cpu or cuda: that one", choices=("auto", "cpu", "cuda")),
+    "data": Option(str, "", "ImageFolder with train/ and val/ (e.g. Imagenette): write it and "
+                   "train check.preset on it, timed", path=True),
+    "preset": Option(str, "", "preset to time with check.data and to plan for this machine (e.g. "
+                     "imagenette_configs/in128_rn50_5_epochs.yaml)", path=True),
+    "train_beton": Option(str, "", "the preset's train .beton, for the plan's image count and RAM "
+                          "check (default: the one written from check.data, else ILSVRC2012's "
+                          "1,281,167 images without a RAM check)", path=True),
+    "max_resolution": Option(int, 0, "longest side when writing check.data; 0 = the preset's "
+                             "largest resolution", low=0),
+    "arch": Option(str, "resnet50", "model for the speed step"),
+    "res": Option(int, None, "speed resolutions (default 160,192,224; quick: 160)", low=8, many=True),
+    "modes": Option(str, None, "eager and torch.compile modes timed (default eager,compile; quick: "
+                    "eager)", choices=MODES, many=True),
+    "batch": Option(int, None, "training batch (default 256 on CUDA, 16 on the CPU; quick on the "
+                    "CPU: 8)", low=1),
+    "seconds": Option(float, None, "timed seconds per rate (default 5; quick: 1)", low=0.0),
+    "images": Option(int, None, "images in the speed .beton (default 10240 with CUDA, 1024 without; "
+                     "quick: 192)", low=1),
+    "render": Option(str, (), "only rebuild the README's check section from the check.json files "
+                     "under these folders", path=True, many=True),
+    "readme": Option(str, "README.md", "the Markdown file check.render writes into", path=True),
+})
+
+
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="ffcv-imagenet check", description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true",
-                   help="160 px only, eager only, short timings, small data (under 2 minutes on a "
-                   "2-core CPU)")
-    p.add_argument("--out", default="check_out", help="folder for check.json, check.md and the "
-                   "--data run's logs (default %(default)s)")
-    p.add_argument("--workdir", type=Path, default=None, help="keep the generated images and "
-                   ".beton files here (default: a temporary folder, removed at the end)")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
-                   help="auto: the CPU and, when visible, CUDA (speed on the fastest); "
-                   "cpu or cuda: that one")
-    p.add_argument("--data", type=Path, default=None, help="ImageFolder with train/ and val/ (e.g. "
-                   "Imagenette): write it and train --preset on it, timed")
-    p.add_argument("--preset", type=Path, default=None, help="preset to time with --data and to "
-                   "plan for this machine (e.g. imagenette_configs/in128_rn50_5_epochs.yaml)")
-    p.add_argument("--train-beton", type=Path, default=None, help="the preset's train .beton, for "
-                   "the plan's image count and RAM check (default: the one written from --data, "
-                   "else ILSVRC2012's 1,281,167 images without a RAM check)")
-    p.add_argument("--max-resolution", type=int, default=0,
-                   help="longest side when writing --data (default: the preset's largest "
-                   "resolution)")
-    p.add_argument("--arch", default="resnet50",
-                   help="model for the speed step (default %(default)s)")
-    p.add_argument("--res", default=None, help="speed resolutions, comma-separated (default "
-                   "160,192,224; --quick: 160)")
-    p.add_argument("--modes", default=None, help=f"comma-separated, of {', '.join(MODES)} (default "
-                   "eager,compile; --quick: eager)")
-    p.add_argument("--batch", type=int, default=None, help="training batch (default 256 on CUDA, "
-                   "16 on the CPU; --quick on the CPU: 8)")
-    p.add_argument("--seconds", type=float, default=None,
-                   help="timed seconds per rate (default 5; --quick: 1)")
-    p.add_argument("--images", type=int, default=None, help="images in the speed .beton "
-                   "(default 10240 with CUDA, 1024 without; --quick: 192)")
-    p.add_argument("--render", nargs="+", type=Path, default=None, metavar="DIR",
-                   help="only rebuild the README's check section from the check.json files under "
-                   "DIR...")
-    p.add_argument("--readme", type=Path, default=Path("README.md"),
-                   help="README for --render (default %(default)s)")
-    args = p.parse_args(argv)
-    return finish_args(p, args)
+    """The check's settings: the command line, then the defaults that depend on check.quick and
+    on the devices; ValueError (config.ConfigError) names a bad key or value."""
+    return finish_args(COMMAND.parse(argv))
 
 
-def finish_args(parser, args):
-    """Defaults that depend on --quick and on the devices; validate the lists."""
+def finish_args(args):
+    """Defaults that depend on check.quick and on the devices."""
     import torch
 
     cuda = torch.cuda.is_available()
     if args.device == "cuda" and not cuda:
-        parser.error("--device cuda: torch sees no CUDA device")
+        raise ConfigError("check.device=cuda: torch sees no CUDA device")
     args.device_types = {"auto": ["cpu"] + (["cuda"] if cuda else []), "cpu": ["cpu"],
                          "cuda": ["cuda"]}[args.device]
     on_gpu = args.device_types[-1] == "cuda"
     quick = args.quick
-    args.resolutions = [int(r) for r in
-                        (args.res or ("160" if quick else "160,192,224")).split(",") if r.strip()]
-    args.modes = [m.strip() for m in
-                  (args.modes or ("eager" if quick else "eager,compile")).split(",") if m.strip()]
-    if set(args.modes) - set(MODES):
-        parser.error(f"--modes: unknown {sorted(set(args.modes) - set(MODES))}; "
-                     f"choose from {', '.join(MODES)}")
+    args.resolutions = list(args.res or ((160,) if quick else (160, 192, 224)))
+    args.modes = list(args.modes or (("eager",) if quick else ("eager", "compile")))
     args.batch = args.batch or (256 if on_gpu else (8 if quick else 16))
     args.loader_batch = 64 if quick else 128
     args.seconds = args.seconds or (1.0 if quick else 5.0)
     args.images = args.images or (192 if quick else (10240 if on_gpu else 1024))
     args.correctness_steps = 12 if quick else 24
     args.e2e_workers = min(8, _cores())
-    if args.data is not None and args.preset is None:
-        parser.error("--data needs --preset (the preset to train on it)")
-    for path in (args.data, args.preset, args.train_beton):
-        if path is not None and not path.exists():
-            parser.error(f"{path}: not found")
+    if args.data and not args.preset:
+        raise ConfigError("check.data needs check.preset (the preset to train on it)")
+    for key in ("data", "preset", "train_beton", "workdir"):
+        setattr(args, key, Path(getattr(args, key)) if getattr(args, key) else None)
+    for key in ("data", "preset", "train_beton"):
+        if getattr(args, key) is not None and not getattr(args, key).exists():
+            raise ConfigError(f"check.{key}={getattr(args, key)}: not found")
     return args
 
 
@@ -771,7 +766,7 @@ def run_steps(args, out: Path, workdir: Path, log) -> dict:
             device = torch.device("cuda" if args.device_types[-1] == "cuda" else "cpu")
             result["preset_run"] = steps.run(f"preset: train {args.preset}", preset_run,
                                              args.preset, betons, out / "preset_run", device)
-    if args.preset is not None:  # for the train file written from --data, unless one is named
+    if args.preset is not None:  # for the train file written from check.data, unless one is named
         train_beton = args.train_beton or (betons or {}).get("train")
         result["plan"] = steps.run(f"plan: {args.preset} on this machine", plan, args.preset,
                                    result["speed"], train_beton)
@@ -793,9 +788,14 @@ def summarise(result: dict, steps: Steps) -> None:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse_args(argv)
-    if args.render is not None:
-        print(render_readme(args.render, args.readme))
+    try:
+        args = COMMAND.parse(argv)
+        if not args.render:
+            args = finish_args(args)
+    except ValueError as e:
+        return COMMAND.refuse(e)
+    if args.render:
+        print(render_readme(args.render, Path(args.readme)))
         print(f"\nwrote the {SECTION!r} section of {args.readme}")
         return 0
     args.argv = argv

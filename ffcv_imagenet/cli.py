@@ -46,7 +46,7 @@ def main(argv=None) -> int:
         print(f"ffcv-imagenet: unknown subcommand {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(SUBCOMMANDS[name][0])
-    # argparse/fastargs inside the subcommand read sys.argv; make it look like a direct call.
+    # a subcommand run as a module reads sys.argv; make it look like a direct call.
     sys.argv = [f"ffcv-imagenet {name}"] + rest
     result = module.main(rest)
     return int(result or 0)

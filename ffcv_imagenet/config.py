@@ -393,38 +393,54 @@ def resolve(values: dict, source: str = "config") -> dict:
     return out
 
 
-def parse_cli(argv: list, known=None) -> tuple:
+def parse_cli(argv: list, known=None, *, flags=(), positionals: list = None) -> tuple:
     """argv -> (config files, {'section.key': 'string value'}) in order of appearance; the one
     reader of every `--section.key=value` command line. `known`: the valid `--section.key` names
-    for the hint on an argument that is not one (default: the training keys)."""
+    for the hint on an argument that is not one (default: the training keys). `flags`: bool keys,
+    which take the next argument as their value only when it reads as a bool (so that
+    `--inspect.verify FILE` leaves FILE alone). `positionals`: a list that receives the arguments
+    that are not options (without it they are refused)."""
     files, values = [], {}
     i = 0
     while i < len(argv):
         arg = argv[i]
+        following = argv[i + 1] if i + 1 < len(argv) else None
         if arg in ("--config-file", "-C") or arg.startswith("--config-file="):
             if "=" in arg:
                 files.append(arg.split("=", 1)[1])
             else:
-                if i + 1 >= len(argv):
+                if following is None:
                     raise ConfigError("command line: --config-file needs a path")
-                files.append(argv[i + 1])
+                files.append(following)
                 i += 1
         elif arg.startswith("--") and "." in arg.split("=", 1)[0]:
             name = arg[2:]
             if "=" in name:
                 name, value = name.split("=", 1)
-            elif i + 1 < len(argv) and (not argv[i + 1].startswith("-") or _is_number(argv[i + 1])):
-                value = argv[i + 1]
+            elif following is not None and _takes_value(following, name in flags):
+                value = following
                 i += 1
             else:
                 value = BareFlag("1")  # a bare flag: --training.resume
             values[name] = value
+        elif positionals is not None and not arg.startswith("-"):
+            positionals.append(arg)
         else:
             valid = list(known) if known is not None else ["--" + n for n in _entries(declare())]
             known = ["--config-file", "--help"] + valid
             raise ConfigError(f"command line: unknown argument '{arg}'{_nearest(arg, known)}")
         i += 1
     return files, values
+
+
+def _takes_value(token: str, is_flag: bool) -> bool:
+    if is_flag:
+        try:
+            parse_bool(token)
+            return True
+        except ValueError:
+            return False
+    return not token.startswith("-") or _is_number(token)
 
 
 def _is_number(token: str) -> bool:

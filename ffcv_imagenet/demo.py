@@ -7,16 +7,17 @@
    channels-last);
 4. prints the time-to-accuracy table and the plots' paths (ffcv_imagenet.report).
 
-Everything goes under `--out` (default ./demo_out); a second run reuses the generated images and
+Everything goes under `demo.out` (default ./demo_out); a second run reuses the generated images and
 `.beton` files and starts a fresh training run.
 """
 
-import argparse
 import sys
 import time
 from importlib import resources
 from pathlib import Path
 
+from ffcv_imagenet.command import Command, Option
+from ffcv_imagenet.config import parse_cli, resolve
 from ffcv_imagenet.host import cpu_cores
 
 
@@ -53,22 +54,28 @@ def prepare_data(out: Path, train_per_class: int, val_per_class: int, size_px: i
     return paths
 
 
+COMMAND = Command("demo", "demo", __doc__.split("\n\n")[0].split(": ", 1)[1], {
+    "out": Option(str, "demo_out", "folder for data, run logs and report", path=True),
+    "train_per_class": Option(int, 240, "train images per class (10 classes)", low=1),
+    "val_per_class": Option(int, 50, "val images per class (10 classes)", low=1),
+    "size": Option(int, 64, "image side in pixels", low=16),
+}, passthrough=("Any training key (ffcv-imagenet train --help) is handed to the engine, e.g. "
+                "--training.epochs=4 or --training.device=cpu (default: a GPU when present)."))
+
+
+def parse_args(argv: list):
+    """The demo's settings; the training keys it hands on are checked here, before any data is
+    drawn (ValueError names a bad key or value)."""
+    args = COMMAND.parse(argv)
+    resolve(parse_cli(list(args.extra))[1], source="command line")
+    return args
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="ffcv-imagenet demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="demo_out", help="folder for data, run logs and report "
-                        "(default %(default)s)")
-    parser.add_argument("--train-per-class", type=int, default=240, help="train images per class "
-                        "(default %(default)s)")
-    parser.add_argument("--val-per-class", type=int, default=50, help="val images per class "
-                        "(default %(default)s)")
-    parser.add_argument("--size", type=int, default=64, help="image side in pixels (default %(default)s)")
-    parser.add_argument("--epochs", type=int, default=None, help="override the preset's epochs")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
-                        help="training device (default: a GPU when present)")
-    args, extra = parser.parse_known_args(argv)
-    bad = [a for a in extra if not a.startswith("--") or "." not in a.split("=")[0]]
-    if bad:
-        parser.error(f"unrecognized arguments: {' '.join(bad)} (engine overrides look like --training.epochs=4)")
+    try:
+        args = parse_args(sys.argv[1:] if argv is None else argv)
+    except ValueError as e:
+        return COMMAND.refuse(e)
 
     t0 = time.time()
     out = Path(args.out).resolve()
@@ -86,11 +93,8 @@ def main(argv=None) -> int:
         f"--data.val_dataset={betons['val']}",
         f"--data.num_workers={workers}",
         f"--logging.folder={run_dir}",
-        f"--training.device={args.device}",
+        *args.extra,
     ]
-    if args.epochs is not None:
-        train_argv.append(f"--training.epochs={args.epochs}")
-    train_argv += extra
     print(f"[2/3] training: ffcv-imagenet train {' '.join(train_argv)}", flush=True)
     # start-up is counted from here: generating and writing the data is not part of training
     status = train.main(train_argv, launched_at=time.time())
@@ -100,7 +104,7 @@ def main(argv=None) -> int:
 
     print("[3/3] report", flush=True)
     report_dir = out / "report"
-    status = report.main([str(run_dir), "--out", str(report_dir), "--targets", "0.5,0.6,0.7,0.8,0.9"])
+    status = report.main([str(run_dir), f"--report.out={report_dir}", "--report.targets=0.5,0.6,0.7,0.8,0.9"])
     print(f"demo finished in {time.time() - t0:.0f} s; logs in {run_dir}", flush=True)
     return status
 

@@ -1,13 +1,12 @@
-"""`ffcv-imagenet inspect FILE.beton [--verify]`: what is in a .beton, and whether it all decodes.
+"""`ffcv-imagenet inspect FILE.beton [--inspect.verify]`: what is in a .beton, and whether it all decodes.
 
 Reads the file with ffcv's `Reader` (header, fields, per-sample metadata, allocation table) and
 reports fields, sample count, label histogram, image sizes, raw vs JPEG storage and the metadata
-file written beside it. `--verify` decodes every image independently of ffcv's loader (OpenCV for
+file written beside it. `inspect.verify` decodes every image independently of ffcv's loader (OpenCV for
 JPEG samples, a size check for raw ones) so that a failing sample is reported by index, and
 checks every label against the class count of the metadata. Exit code 1 when anything is wrong.
 """
 
-import argparse
 import json
 import multiprocessing
 import os
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ffcv_imagenet.command import Command, Option, Positional
 from ffcv_imagenet.host import cpu_cores
 
 JPEG_MODE, RAW_MODE = 0, 1  # ffcv's IMAGE_MODES
@@ -226,18 +226,20 @@ def format_report(r: dict) -> str:
     return "\n".join(lines)
 
 
+COMMAND = Command("inspect", "inspect", "Show a .beton's fields, counts, labels, sizes and metadata.", {
+    "verify": Option(bool, False, "decode every image and check every label"),
+    "num_workers": Option(int, 0, "processes for inspect.verify; 0 = all cores", low=0),
+    "json": Option(bool, False, "print the report as JSON"),
+}, positional=Positional("path", "FILE", "the .beton file"))
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="ffcv-imagenet inspect",
-                                     description=__doc__.splitlines()[0])
-    parser.add_argument("path", help="the .beton file")
-    parser.add_argument("--verify", action="store_true",
-                        help="decode every image and check every label")
-    parser.add_argument("--num-workers", type=int, default=None,
-                        help="processes for --verify (default: all cores)")
-    parser.add_argument("--json", action="store_true", help="print the report as JSON")
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        report = inspect_beton(args.path, verify=args.verify, num_workers=args.num_workers)
+        args = COMMAND.parse(sys.argv[1:] if argv is None else argv)
+    except ValueError as e:
+        return COMMAND.refuse(e)
+    try:
+        report = inspect_beton(args.path, verify=args.verify, num_workers=args.num_workers or None)
     except (FileNotFoundError, ValueError, AssertionError) as e:
         print(f"ffcv-imagenet inspect: error: {e}", file=sys.stderr)
         return 1

@@ -16,14 +16,13 @@ folder, or a folder of run folders), and writes:
   a run whose launches trained in different precisions reads e.g. "bf16+fp32", flagged, and is
   not averaged with runs in one precision;
 - `top1_vs_time.png`, `top1_vs_epoch.png` (every run overlaid) and `front.png` (final top-1
-  against wall-clock, one point per run, the group mean marked) in `--out`.
+  against wall-clock, one point per run, the group mean marked) in `report.out`.
 
 Runs that were cut short or whose logs lack a field are listed, marked as such, never dropped:
 a cut-short run gets its own row with "incomplete k/N" and is not averaged with finished runs,
 marked "stopped by training.stop_after_s" when its last launch ended itself at a time limit.
 """
 
-import argparse
 import json
 import math
 import shlex
@@ -33,6 +32,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ffcv_imagenet.command import Command, Option, Positional
 from ffcv_imagenet.config import ConfigError, parse_cli
 from ffcv_imagenet.schedules import validates_after
 
@@ -509,39 +509,39 @@ def update_readme(readme: Path, section: str, text: str) -> None:
     readme.write_text(f"{head}{start}\n{text.rstrip()}\n{end}{tail}")
 
 
-def parse_targets(text: str) -> tuple:
-    try:
-        targets = tuple(float(t) / (100 if float(t) > 1 else 1) for t in text.split(",") if t.strip())
-    except ValueError:
-        raise SystemExit(f"--targets: {text!r} is not a comma-separated list of numbers (e.g. 0.7,0.75 or 70,75)")
-    return targets
+COMMAND = Command("report", "report", __doc__.split("\n\n")[0].split(": ", 1)[-1], {
+    "targets": Option(float, DEFAULT_TARGETS, "top-1 targets for the time-to-accuracy columns, "
+                      "fractions or percents (0.7 or 70)", low=0.0, high=100.0, many=True),
+    "out": Option(str, "", "folder for the table (report.md) and the plots (default: the first RUN)",
+                  path=True),
+    "plots": Option(bool, True, "draw the plots (0: the table only)"),
+    "readme": Option(str, "", "also write the table into this Markdown file, between "
+                     "<!-- report:SECTION start --> and <!-- report:SECTION end -->", path=True),
+    "section": Option(str, "results", "marker name for report.readme"),
+}, positional=Positional("runs", "RUN", "run folders (holding log.jsonl) or folders of them", many=True))
+
+
+def fractions(targets) -> tuple:
+    """Targets given as fractions or percents (70 = 0.7), as fractions."""
+    return tuple(t / 100 if t > 1 else t for t in targets)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="ffcv-imagenet report", description=__doc__.split("\n\n")[0])
-    parser.add_argument("runs", nargs="+", help="run folders (holding log.jsonl) or folders of them")
-    parser.add_argument("--targets", default=",".join(str(t) for t in DEFAULT_TARGETS),
-                        help="top-1 targets for the time-to-accuracy columns, fractions or percents "
-                             "(default %(default)s)")
-    parser.add_argument("--out", default=None, help="folder for the table (report.md) and the plots "
-                        "(default: the first RUN_DIR)")
-    parser.add_argument("--no-plots", action="store_true", help="write the table only")
-    parser.add_argument("--readme", default=None, help="also write the table into this Markdown file, "
-                        "between <!-- report:SECTION start --> and <!-- report:SECTION end -->")
-    parser.add_argument("--section", default="results", help="marker name for --readme (default %(default)s)")
-    args = parser.parse_args(argv)
-
+    try:
+        args = COMMAND.parse(sys.argv[1:] if argv is None else argv)
+    except ValueError as e:
+        return COMMAND.refuse(e)
     try:
         runs = find_runs(args.runs)
     except FileNotFoundError as e:
         print(f"ffcv-imagenet report: {e}", file=sys.stderr)
         return 2
-    table = make_table(runs, parse_targets(args.targets)) + "\n" + make_runs_table(runs)
+    table = make_table(runs, fractions(args.targets)) + "\n" + make_runs_table(runs)
     out_dir = Path(args.out or args.runs[0])
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "report.md").write_text(table)
     print(table)
-    if not args.no_plots:
+    if args.plots:
         for path in make_plots(runs, out_dir):
             print(f"plot: {path}")
     if args.readme:

@@ -19,7 +19,7 @@ REQUIRED = ("loader_img_s", "loader_1core_img_s", "ffcv_loader_img_s", "ffcv_loa
 @pytest.mark.slow
 def test_bench_quick_measures_everything(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    assert bench.main(["--quick", "--json", str(out)]) == 0
+    assert bench.main(["--bench.quick", f"--bench.json={out}"]) == 0
     result = json.loads(out.read_text())
     for key in REQUIRED:
         assert result[key] > 0 and math.isfinite(result[key]), key
@@ -49,18 +49,21 @@ def test_bench_quick_measures_everything(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "| this / stock ffcv, same file |" in printed and "ffcv-imagenet write" in printed
     assert "| FastMish / torch's Mish |" in printed and "| (X X^T W) X / (X X^T)(W X) |" in printed
-    assert "command: ffcv-imagenet bench --quick --json" in printed
+    assert "command: ffcv-imagenet bench --bench.quick --bench.json=" in printed
     assert f"| {half} / fp32 |" in printed and " (auto) |" in printed
 
 
-def test_bench_options_are_checked(tmp_path):
-    with pytest.raises(SystemExit):
-        bench.parse_args(["--skip", "torchvision,gpu"])
-    assert bench.parse_args(["--skip", "attention,mish,precision"]).skip == {"attention", "mish", "precision"}
-    with pytest.raises(SystemExit):
-        bench.parse_args(["--images", str(tmp_path / "missing")])
-    args = bench.parse_args(["--quick", "--extra-res", "96"])
-    assert args.extra_res == [96] and args.no_levers and args.res == 64
+def test_bench_options_are_checked(tmp_path, capsys):
+    with pytest.raises(ValueError, match=r"bench.skip='torchvision,gpu': expected comma-separated, each one of"):
+        bench.parse_args(["--bench.skip", "torchvision,gpu"])
+    assert bench.parse_args(["--bench.skip", "attention,mish,precision"]).skip == {"attention", "mish", "precision"}
+    with pytest.raises(ValueError, match="missing: not a folder"):
+        bench.parse_args([f"--bench.images={tmp_path / 'missing'}"])
+    args = bench.parse_args(["--bench.quick", "--bench.extra_res", "96"])
+    assert args.extra_res == (96,) and not args.levers and args.res == 64
+    assert bench.parse_args(["--bench.extra_res="]).extra_res == ()  # none, not the default
+    assert bench.main(["--quick"]) == 2  # the old spelling, refused with the new one named
+    assert "unknown argument '--quick'; did you mean '--bench.quick'?" in capsys.readouterr().err
 
 
 def test_projection_uses_the_h100_reference_and_per_core_rates():

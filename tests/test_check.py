@@ -18,8 +18,9 @@ def quick_result(tmp_path_factory):
     """One quick check, smaller still (ResNet-18 at 64 px) to keep the suite short; the README
     gives the plain `check --quick` figures on this machine."""
     out = tmp_path_factory.mktemp("check")
-    status = check.main(["--quick", "--out", str(out), "--device", "cpu", "--arch", "resnet18",
-                         "--res", "64", "--seconds", "0.3", "--preset", str(PRESET)])
+    status = check.main(["--check.quick", f"--check.out={out}", "--check.device=cpu",
+                         "--check.arch=resnet18", "--check.res=64", "--check.seconds=0.3",
+                         f"--check.preset={PRESET}"])
     return status, out, json.loads((out / "check.json").read_text())
 
 
@@ -93,7 +94,7 @@ def test_render_readme_from_committed_check_files(quick_result, tmp_path):
     (folder / "check.json").write_text((out / "check.json").read_text())
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- report:check start -->\nold\n<!-- report:check end -->\nafter\n")
-    check.main(["--render", str(tmp_path / "results"), "--readme", str(readme)])
+    assert check.main([f"--check.render={tmp_path / 'results'}", f"--check.readme={readme}"]) == 0
     text = readme.read_text()
     assert "old" not in text and text.endswith("after\n")
     row = next(line for line in text.splitlines() if "2026-12-04-test" in line)

@@ -12,9 +12,9 @@ ROOT = Path(__file__).resolve().parent.parent
 # section marker -> the command (without the file arguments) that writes it; README.md names
 # these commands beside each table
 SECTIONS = {
-    "demo": ("report", ["results/demo", "--targets", "0.5,0.6,0.7,0.8,0.9", "--no-plots"]),
-    "imagenette": ("report", ["results/imagenette", "--targets", "70,80,82,90", "--no-plots"]),
-    "check": ("check", ["--render", "results/check", "results/gpu"]),
+    "demo": ("report", ["results/demo", "--report.targets=0.5,0.6,0.7,0.8,0.9", "--report.plots=0"]),
+    "imagenette": ("report", ["results/imagenette", "--report.targets=70,80,82,90", "--report.plots=0"]),
+    "check": ("check", ["--check.render=results/check,results/gpu"]),
 }
 
 
@@ -23,10 +23,11 @@ def regenerate(section: str, readme: Path, out: Path) -> int:
     if command == "report":
         from ffcv_imagenet import report
 
-        return report.main([*args, "--out", str(out), "--readme", str(readme), "--section", section])
+        return report.main([*args, f"--report.out={out}", f"--report.readme={readme}",
+                            f"--report.section={section}"])
     from ffcv_imagenet import check
 
-    return check.main([*args, "--readme", str(readme)])
+    return check.main([*args, f"--check.readme={readme}"])
 
 
 @pytest.mark.parametrize("section", sorted(SECTIONS))

@@ -55,14 +55,14 @@ def test_longer_side_histogram():
 
 
 def test_inspect_json_has_the_histogram(beton, capsys):
-    assert inspect.main([str(beton), "--json"]) == 0
+    assert inspect.main([str(beton), "--inspect.json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["labels"]["histogram"] == [3, 3, 2]
     assert report["metadata"]["split"] == "train" and report["problems"] == []
 
 
 def test_verify_decodes_every_sample(beton, capsys):
-    assert inspect.main([str(beton), "--verify", "--num-workers=1"]) == 0
+    assert inspect.main([str(beton), "--inspect.verify", "--inspect.num_workers=1"]) == 0
     out = capsys.readouterr().out
     assert "verify    8 of 8 images decode, 0 fail" in out
     assert "every sample decodes" in out
@@ -83,7 +83,7 @@ def test_verify_reports_a_sample_corrupted_on_disk(beton, tmp_path, capsys):
     with open(broken, "r+b") as f:
         f.seek(data_ptr)
         f.write(bytes(size))  # the JPEG bytes of one sample become zeros
-    assert inspect.main([str(broken), "--verify", "--num-workers=1"]) == 1
+    assert inspect.main([str(broken), "--inspect.verify", "--inspect.num_workers=1"]) == 1
     out = capsys.readouterr().out
     assert "verify    7 of 8 images decode, 1 fail" in out
     assert f"sample {victim}: ValueError: JPEG data does not decode" in out

@@ -130,7 +130,7 @@ def test_readme_section_replaced_between_markers(tmp_path):
 def test_cli_writes_table_and_readable_pngs(tmp_path, capsys):
     write_run(tmp_path / "runs" / "a", "fast", [0.3, 0.6])
     write_run(tmp_path / "runs" / "b", "slow", [0.2, 0.5, 0.7])
-    assert report.main([str(tmp_path / "runs"), "--out", str(tmp_path / "out"), "--targets", "50,60"]) == 0
+    assert report.main([str(tmp_path / "runs"), "--report.out", str(tmp_path / "out"), "--report.targets=50,60"]) == 0
     out = capsys.readouterr().out
     assert "| fast" in out and "| slow" in out
     assert "| fast" in (tmp_path / "out" / "report.md").read_text()
@@ -166,7 +166,7 @@ def test_runs_table_names_machine_date_and_command(tmp_path):
     assert "`ffcv-imagenet train --config-file rn50_configs/fast.yaml '--logging.folder=runs/my run'`" in gpu
     assert "| 2-core CPU (AMD EPYC) | ? | ? |" in cpu
 
-    assert report.main([str(tmp_path), "--no-plots"]) == 0
+    assert report.main([str(tmp_path), "--report.plots=0"]) == 0
     assert "| run | preset | top-1 | start-up |" in (tmp_path / "report.md").read_text()
 
 

@@ -582,9 +582,9 @@ def test_options_are_declared_once_and_checked_into_a_frozen_object():
     assert opts.jpeg_quality == writer.OPTIONS["jpeg_quality"].default and opts.num_workers == 3
     with pytest.raises(dataclasses.FrozenInstanceError):
         opts.jpeg_quality = 50
-    with pytest.raises(ValueError, match="unknown writer option 'jpeg_qualty'; did you mean 'jpeg_quality'"):
+    with pytest.raises(ValueError, match="unknown option cfg.jpeg_qualty; did you mean cfg.jpeg_quality"):
         writer.check_options({"split": "train", "data_dir": "in", "write_path": "o", "jpeg_qualty": 80})
-    with pytest.raises(ValueError, match="unknown writer option 'jpeg_qualty'"):
+    with pytest.raises(ValueError, match="unknown option cfg.jpeg_qualty"):
         write_dataset("in", "out.beton", split="train", jpeg_qualty=80)
 
 

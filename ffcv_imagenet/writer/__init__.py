@@ -54,6 +54,6 @@ write is refused when the destination's free space is smaller.
 from .cli import main, parse_args  # noqa: F401
 from .core import format_summary, write, write_dataset  # noqa: F401
 from .encode import encode_jpeg, restart_mcus, target_size  # noqa: F401
-from .options import (OPTIONS, WriterError, WriterOptions,  # noqa: F401
+from .options import (COMMAND, OPTIONS, WriterError, WriterOptions,  # noqa: F401
                       check_options)
 from .sources import index_input  # noqa: F401

@@ -1,14 +1,12 @@
 """The writer's options, declared once: `OPTIONS` names each with its type, default, bounds and
-help; the command line (cli.py), its --help table and `write_dataset`'s keywords all come from it.
-`check_options` turns given values into one frozen `WriterOptions` (a dataclass made from
-`OPTIONS`, so no name is spelled twice), checked once; the encoder reads its fields."""
+help; the command line (`COMMAND`, section `cfg` as in the original ffcv-imagenet's writer), its
+--help table and `write_dataset`'s keywords all come from it. `check_options` turns given values
+into one frozen `WriterOptions` (a dataclass made from `OPTIONS`, so no name is spelled twice),
+checked once; the encoder reads its fields."""
 
 import dataclasses
-import difflib
-import os
-from dataclasses import dataclass
 
-from ..config import needs_value, parse_bool
+from ..command import Command, Option
 from ..host import cpu_cores
 
 WRITE_MODES = ("raw", "jpg", "smart", "proportion")
@@ -18,56 +16,6 @@ RESTART_INTERVAL_DEFAULT = 2  # MCUs between JPEG restart markers (see restart_m
 
 class WriterError(Exception):
     """A problem with the input or the options; the message names the file, key or value."""
-
-
-@dataclass(frozen=True)
-class Option:
-    kind: type
-    default: object
-    desc: str
-    choices: tuple = ()
-    low: float = None
-    high: float = None
-    required: bool = False
-    path: bool = False  # made absolute when checked: the metadata outlives the working folder
-
-    def constraint(self) -> str:
-        if self.choices:
-            return "one of " + "|".join(self.choices)
-        name = {int: "an integer", float: "a number", str: "a path", bool: "0 or 1"}[self.kind]
-        if self.low is not None and self.high is not None:
-            return f"{name} from {self.low} to {self.high}"
-        if self.low is not None:
-            return f"{name} >= {self.low}"
-        return name
-
-    def coerce(self, key: str, value):
-        """Return `value` converted to this option's type; ValueError names key and value."""
-        if value is None or (self.kind is str and value == ""):
-            if self.required:
-                raise ValueError(f"cfg.{key} is required ({self.desc})")
-            return self.default
-        if self.kind is not bool:
-            needs_value(f"cfg.{key}", value)
-        try:
-            if self.kind is bool:
-                result = parse_bool(value)
-            elif self.kind is int:
-                if isinstance(value, float) and not value.is_integer():
-                    raise ValueError
-                result = int(value) if isinstance(value, (int, float)) else int(str(value).strip())
-            elif self.kind is float:
-                result = float(value)
-            else:
-                result = str(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"cfg.{key}={value!r}: expected {self.constraint()}") from None
-        bad = (self.choices and result not in self.choices) \
-            or (self.low is not None and result < self.low) \
-            or (self.high is not None and result > self.high)
-        if bad:
-            raise ValueError(f"cfg.{key}={value!r}: expected {self.constraint()}")
-        return result
 
 
 OPTIONS = {
@@ -107,33 +55,20 @@ OPTIONS = {
 }
 
 
-WriterOptions = dataclasses.make_dataclass(
-    "WriterOptions", [(key, option.kind) for key, option in OPTIONS.items()], frozen=True)
+DESCRIPTION = ("Convert ILSVRC2012 (class folders, flat val + labels, or the .tar archives) "
+               "to .beton.")
+COMMAND = Command("write", "cfg", DESCRIPTION, OPTIONS, frozen=True, absolute_paths=True)
+WriterOptions = COMMAND.values_type
 WriterOptions.__doc__ = "Every writer option, checked (check_options); fields as in OPTIONS."
 
+
 def check_options(values: dict) -> "WriterOptions":
-    """Coerce and check every option in `values` (missing ones take their defaults); ValueError
-    lists each bad or unknown key and value."""
-    resolved, errors = {}, []
-    for key in values:
-        if key not in OPTIONS:
-            close = difflib.get_close_matches(key, OPTIONS, n=1)
-            errors.append(f"unknown writer option {key!r}" + (f"; did you mean {close[0]!r}?" if close else ""))
-    for key, option in OPTIONS.items():
-        try:
-            resolved[key] = option.coerce(key, values.get(key))
-        except ValueError as e:
-            errors.append(str(e))
-    if not errors and resolved["write_mode"] == "smart" and resolved["smart_threshold"] is None:
-        errors.append("cfg.write_mode=smart needs cfg.smart_threshold (raw RGB bytes above which "
-                      "an image is stored as JPEG, e.g. 270000 = 300x300x3)")
-    if not errors and resolved["subset"] == 0:
-        errors.append("cfg.subset=0: expected -1 (all images) or a number of images per class >= 1")
-    if errors:
-        raise ValueError("; ".join(errors))
-    if resolved["num_workers"] == 0:
-        resolved["num_workers"] = cpu_cores()
-    for key, option in OPTIONS.items():
-        if option.path and resolved[key]:
-            resolved[key] = os.path.abspath(resolved[key])
-    return WriterOptions(**resolved)
+    """Coerce and check every option in `values` (missing ones take their defaults), once;
+    ValueError lists each bad or unknown key and value."""
+    opts = COMMAND.check(values)
+    if opts.write_mode == "smart" and opts.smart_threshold is None:
+        raise ValueError("cfg.write_mode=smart needs cfg.smart_threshold (raw RGB bytes above which "
+                         "an image is stored as JPEG, e.g. 270000 = 300x300x3)")
+    if opts.subset == 0:
+        raise ValueError("cfg.subset=0: expected -1 (all images) or a number of images per class >= 1")
+    return dataclasses.replace(opts, num_workers=opts.num_workers or cpu_cores())
