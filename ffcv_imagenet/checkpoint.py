@@ -1,4 +1,5 @@
-"""One explicit checkpoint dict, saved atomically after every epoch; loaded for resume and eval.
+"""One explicit checkpoint dict, saved atomically after every epoch (the one before kept as
+checkpoint.prev.pt); loaded for resume (falling back on the previous one) and eval.
 
     {
       "model": state_dict of the unwrapped model,
@@ -22,6 +23,7 @@ mechanism of exact resume.
 
 import os
 import random
+import shutil
 
 import numpy as np
 import torch
@@ -56,22 +58,91 @@ def restore_cuda_rng(states: list) -> int:
     return count
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be written or read; the message names the file."""
+
+
+def previous_path(path) -> str:
+    """Where the checkpoint before the current one is kept: checkpoint.pt -> checkpoint.prev.pt."""
+    base, ext = os.path.splitext(str(path))
+    return f"{base}.prev{ext}"
+
+
 def save_checkpoint(path, checkpoint: dict) -> None:
-    """Write to a temporary file in the same folder, then rename: a kill never leaves half a file."""
+    """Write the whole checkpoint to a temporary file beside `path` (flushed to disk), keep the
+    current one as previous_path(path), then rename the new one over `path`. `path` exists at
+    every moment (the previous file is a hard link to it, made before the rename), so a kill at
+    any point leaves a readable checkpoint. A write that fails (a full disk: ENOSPC) removes its
+    temporary file and raises CheckpointError naming `path`; both earlier files stay as they were."""
     path = str(path)
     tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(checkpoint, tmp)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if isinstance(e, (OSError, RuntimeError)):
+            reason = os.strerror(e.errno) if getattr(e, "errno", None) else str(e)
+            kept = f"; the previous checkpoint {path} is kept as it was" if os.path.exists(path) else ""
+            raise CheckpointError(f"could not write the checkpoint {path}: {reason}{kept}") from e
+        raise
+    if os.path.exists(path):
+        _keep_previous(path)
     os.replace(tmp, path)
 
 
+def _keep_previous(path: str) -> None:
+    previous, link = previous_path(path), f"{previous_path(path)}.tmp{os.getpid()}"
+    if os.path.exists(link):
+        os.remove(link)
+    try:
+        os.link(path, link)
+    except OSError:  # a filesystem without hard links: a copy
+        shutil.copyfile(path, link)
+    os.replace(link, previous)
+
+
 def load_checkpoint(path, map_location="cpu") -> dict:
+    """The checkpoint dict at `path`; CheckpointError naming the file when it is missing, cut
+    short, corrupt or not one of ours."""
+    path = str(path)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    # weights_only=False: the dict holds RNG states and the config (our own file, not a download)
-    checkpoint = torch.load(path, map_location=map_location, weights_only=False)
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        # weights_only=False: the dict holds RNG states and the config (our file, not a download)
+        checkpoint = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:  # truncated zip, bad pickle, EOF: torch raises several kinds
+        raise CheckpointError(f"{path} cannot be read (cut short or corrupt? "
+                              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     if not isinstance(checkpoint, dict) or "model" not in checkpoint:
-        raise ValueError(f"{path}: not an ffcv-imagenet checkpoint (no 'model' key)")
+        raise CheckpointError(f"{path}: not an ffcv-imagenet checkpoint (no 'model' key)")
     return checkpoint
+
+
+def load_latest(path, map_location="cpu", warn=print) -> tuple:
+    """(checkpoint, the file it came from) for a resume: `path`, or when that cannot be read the
+    previous one kept beside it, with a warning naming both; CheckpointError naming `path` when
+    neither can be read. (None, None) when the folder holds neither file."""
+    path, previous = str(path), previous_path(path)
+    if not os.path.exists(path) and not os.path.exists(previous):
+        return None, None
+    try:
+        return load_checkpoint(path, map_location), path
+    except CheckpointError as e:
+        if not os.path.exists(previous):
+            raise CheckpointError(f"{e}; there is no previous checkpoint ({previous}) to fall "
+                                  "back on") from None
+        first_error = e
+    try:
+        checkpoint = load_checkpoint(previous, map_location)
+    except CheckpointError as e:
+        raise CheckpointError(f"{first_error}; and the previous one: {e}") from None
+    warn(f"warning: {first_error}; resuming from the previous checkpoint {previous} "
+         f"(epoch {checkpoint.get('epoch')})")
+    return checkpoint, previous
 
 
 def unwrap(model):

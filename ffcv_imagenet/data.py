@@ -23,6 +23,7 @@ the train decoder's `output_size` between epochs (ffcv re-reads it when it alloc
 buffers). The decoder is built by a factory argument so that another decoder can be swapped in.
 """
 
+import json
 import os
 import queue
 import warnings
@@ -60,6 +61,11 @@ VAL_CROP_RATIO = 224 / 256
 
 # --------------------------------------------------------------------------- traversal orders
 
+# test hook: a folder where each rank appends the sample indices it draws, one JSON line an epoch
+# (order-rank<R>.jsonl), so that a test can check that every sample is drawn once per epoch
+ORDER_LOG_ENV = "FFCV_IMAGENET_TEST_ORDER_LOG"
+
+
 class ShardedOrder(TraversalOrder):
     """One global order per epoch (RANDOM or QUASI_RANDOM), same on every rank; rank r takes
     positions r, r + world, r + 2*world, ... of it, truncated to equal length on every rank."""
@@ -83,7 +89,11 @@ class ShardedOrder(TraversalOrder):
         else:
             order = np.random.default_rng([self.seed, epoch]).permutation(self.indices)
         per_rank = len(order) // self.world_size
-        return order[self.rank::self.world_size][:per_rank]
+        mine = order[self.rank::self.world_size][:per_rank]
+        if os.environ.get(ORDER_LOG_ENV):
+            with open(os.path.join(os.environ[ORDER_LOG_ENV], f"order-rank{self.rank}.jsonl"), "a") as f:
+                f.write(json.dumps({"epoch": epoch, "indices": [int(i) for i in mine]}) + "\n")
+        return mine
 
 
 class _OrderFactory(TraversalOrder):

@@ -72,12 +72,19 @@ def setup(device: str = "auto", timeout_s: float = 600.0, cpu_threads: int = 0) 
         set_cpu_threads(local_world_size, cpu_threads)
 
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(
-            backend=backend,
-            timeout=datetime.timedelta(seconds=timeout_s),
-            device_id=dev if backend == "nccl" else None,
-        )
+        timeout = datetime.timedelta(seconds=timeout_s)
+        dist.init_process_group(backend=backend, timeout=timeout, store=attempt_store(timeout),
+                                rank=rank, world_size=world_size,
+                                device_id=dev if backend == "nccl" else None)
     return DistInfo(rank, world_size, local_rank, local_world_size, dev)
+
+
+def attempt_store(timeout: datetime.timedelta) -> "dist.Store":
+    """torchrun's store (env://), its keys under a prefix of this attempt: after a restart
+    (--max-restarts) the new workers must not read the addresses the failed ones left in it
+    (gloo then connects to a dead process: 'connectFullMesh failed ... Connection refused')."""
+    store, _, _ = next(dist.rendezvous("env://", timeout=timeout))
+    return dist.PrefixStore(f"ffcv_imagenet/attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def choose_backend(use_cuda: bool, local_world_size: int) -> str:
@@ -111,6 +118,23 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+# how gloo and NCCL report a peer process that is gone (killed, its node lost)
+LOST_PEER_SIGNS = ("Connection reset by peer", "Connection closed by peer", "Broken pipe",
+                   "remote process exited", "NCCL communicator was aborted")
+
+
+def lost_peer(error: BaseException) -> bool:
+    """Whether a collective failed because another process of the group is gone. A killed process
+    is noticed at once (its sockets close); one that went silent (a network partition) only at the
+    process group's timeout, `setup`'s timeout_s (600 s)."""
+    return isinstance(error, RuntimeError) and any(sign in str(error) for sign in LOST_PEER_SIGNS)
+
+
+def world_size() -> int:
+    """Processes in the group (1 without one)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def barrier() -> None:

@@ -135,7 +135,7 @@ def _quartiles(values) -> dict:
 
 def inspect_beton(path, verify=False, num_workers=None) -> dict:
     """Everything `ffcv-imagenet inspect` reports, as a dict; `problems` lists what is wrong."""
-    from ffcv_imagenet.metadata import metadata_path, read_metadata
+    from ffcv_imagenet.metadata import check_unchanged, metadata_path, read_metadata
 
     path = Path(path)
     if not path.is_file():
@@ -144,10 +144,11 @@ def inspect_beton(path, verify=False, num_workers=None) -> dict:
     report = {"path": str(path), "bytes": path.stat().st_size, "fields": beton.field_types(),
               "samples": beton.num_samples, "problems": []}
     problems = report["problems"]
+    meta = None
     try:
         meta = read_metadata(path)
-    except (FileNotFoundError, ValueError) as e:
-        meta = None
+        check_unchanged(path, meta)  # a file cut short or replaced since it was written
+    except ValueError as e:
         problems.append(str(e))
     report["metadata_path"] = str(metadata_path(path))
     report["metadata"] = meta

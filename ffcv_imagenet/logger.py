@@ -6,7 +6,9 @@ with the same command line finds it again):
     <folder>/params.json     resolved config + derived values (global batch, accum steps, peak lr)
     <folder>/env.json        versions, devices, world size, host, CPU count, git commit
     <folder>/log.jsonl       one JSON object per line (below)
-    <folder>/checkpoint.pt   last complete epoch (see checkpoint.py)
+    <folder>/checkpoint.pt   last complete epoch (see checkpoint.py); checkpoint.prev.pt the one before
+    <folder>/.lock           held (flock) by the run's rank 0 while it runs: a second launch into
+                             the folder is refused, naming the holder's pid
 
 log.jsonl lines, in order:
     {"type": "start", "startup_s", "world_size", "global_batch_size", "batch_size_per_gpu",
@@ -21,6 +23,7 @@ Only rank 0 writes; other ranks get a logger that does nothing (the one rank che
 """
 
 import datetime
+import fcntl
 import json
 import os
 import platform
@@ -40,6 +43,37 @@ class RunLogger:
         self.log_path = os.path.join(self.folder, "log.jsonl")
         if enabled:
             os.makedirs(self.folder, exist_ok=True)
+
+    def lock(self) -> None:
+        """Take the folder's lock for this process (rank 0), or FileExistsError naming the pid of
+        the process that holds it. The kernel releases it when the process ends, however it ends."""
+        if not self.enabled:
+            return
+        path = os.path.join(self.folder, ".lock")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise FileExistsError(f"{self.folder} is in use by another run (pid {holder}, host "
+                                  f"{socket.gethostname()} or one sharing the folder); wait for "
+                                  "it to end or choose another --logging.folder") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._lock_fd = fd
+
+    def unlock(self) -> None:
+        """Release the lock; a folder left holding nothing but it (a launch refused before it
+        wrote anything) is removed."""
+        fd = getattr(self, "_lock_fd", None)
+        if fd is None:
+            return
+        if os.listdir(self.folder) == [".lock"]:
+            os.remove(os.path.join(self.folder, ".lock"))
+            os.rmdir(self.folder)
+        os.close(fd)  # closing the descriptor releases the flock
+        self._lock_fd = None
 
     def write_json(self, name: str, obj: dict) -> None:
         if not self.enabled:

@@ -21,6 +21,7 @@ epoch expected to finish in time, checkpointed, so that nothing is replayed on r
 """
 
 import contextlib
+import json
 import os
 import random
 import signal
@@ -38,7 +39,7 @@ from ffcv_imagenet import distributed
 from ffcv_imagenet.config import load_config
 from ffcv_imagenet.data import create_train_loader, create_val_loader, prepare_batch
 from ffcv_imagenet.logger import RunLogger, environment
-from ffcv_imagenet.metadata import check_same_classes, read_metadata
+from ffcv_imagenet.metadata import DataFileError, check_same_classes, read_metadata
 from ffcv_imagenet.progress import progress as progress_bar
 from ffcv_imagenet.schedules import lr_from_config, resolution_from_config, validation_passes
 
@@ -48,6 +49,17 @@ from ffcv_imagenet.schedules import lr_from_config, resolution_from_config, vali
 KILL_ENV = "FFCV_IMAGENET_TEST_KILL_AT"
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+# the loop reads from the device once per this many optimizer steps (and at the end of the epoch):
+# a run whose loss is not finite at every step of such a window, on every process, stops there
+NONFINITE_WINDOW = 20
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss stayed NaN or infinite (or the weights became so): the run cannot go on."""
+
+    def __init__(self, message: str, *, epoch: int, step: int, lr: float):
+        super().__init__(message)
+        self.epoch, self.step, self.lr = epoch, step, lr
 
 
 # --------------------------------------------------------------------------- small decisions
@@ -273,8 +285,11 @@ def train_one_epoch(trainer: Trainer, batches, *, epoch: int, steps_per_epoch: i
     t = trainer
     t.model.train()
     dtype = DTYPES[t.precision]
-    loss_sum = torch.zeros((), dtype=torch.float64, device=t.device)
-    images_seen, lr = 0, None
+    # on the device, read once per NONFINITE_WINDOW steps: loss of the finite micro-batches, their
+    # images, all images, non-finite micro-batches in the epoch and in the current window; then
+    # (this process's, not summed) the first step with a non-finite loss, 0 = none
+    sums = torch.zeros(6, dtype=torch.float64, device=t.device)
+    lr, lrs = None, []
     bar = progress_bar(steps_per_epoch, f"epoch {epoch}", unit="step", enabled=hooks.progress)
     t.optimizer.zero_grad(set_to_none=True)
     for micro, (images, labels) in enumerate(batches):
@@ -285,6 +300,7 @@ def train_one_epoch(trainer: Trainer, batches, *, epoch: int, steps_per_epoch: i
         step, k = divmod(micro, t.accum_steps)
         if k == 0:
             lr = lr_fn(epoch + step / steps_per_epoch)
+            lrs.append(lr)
             for group in t.optimizer.param_groups:
                 group["lr"] = lr
         x = prepare_batch(images, dtype=dtype, color_jitter=t.color_jitter,
@@ -297,8 +313,7 @@ def train_one_epoch(trainer: Trainer, batches, *, epoch: int, steps_per_epoch: i
             with autocast_context(t.device, t.precision):
                 loss = compute_loss(t.model, x, y, t.loss, generator)
             t.scaler.scale(loss / t.accum_steps).backward()
-        loss_sum += loss.detach().double() * len(y)
-        images_seen += len(y)
+        _count_loss(sums, loss.detach(), len(y), step + 1)
         if last_micro:
             _optimizer_step(t)
             bar.update(1)
@@ -306,11 +321,36 @@ def train_one_epoch(trainer: Trainer, batches, *, epoch: int, steps_per_epoch: i
                 bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.4f}")
             if hooks.on_step is not None:
                 hooks.on_step(step + 1)
+            if (step + 1) % NONFINITE_WINDOW == 0:
+                _check_window(sums, t.accum_steps, epoch=epoch, step=step + 1, lr=lr)
     bar.close()
-    # the epoch's one host read: loss and image count summed over processes, on the device
-    images_total = torch.full((), images_seen, dtype=torch.float64, device=t.device)
-    loss_total, images = distributed.all_reduce_sum(torch.stack([loss_sum, images_total])).tolist()
-    return {"train_loss": loss_total / max(1.0, images), "images": int(images), "lr": lr}
+    # the epoch's one host read: the sums over processes, on the device
+    distributed.all_reduce_sum(sums[:5])
+    loss_sum, finite_images, images, nonfinite, _, first_bad = sums.tolist()
+    return {"train_loss": loss_sum / finite_images if finite_images else float("nan"),
+            "images": int(images), "lr": lr, "nonfinite_batches": int(nonfinite),
+            "first_nonfinite": (int(first_bad), lrs[int(first_bad) - 1]) if first_bad else None}
+
+
+def _count_loss(sums: torch.Tensor, loss: torch.Tensor, batch: int, step: int) -> None:
+    """Add one micro-batch of optimizer step `step` (1-based) to the epoch's device-side sums (no
+    host read)."""
+    bad = (~torch.isfinite(loss)).double()
+    sums[:5] += torch.stack([torch.where(bad > 0, 0.0, loss.double() * batch), (1 - bad) * batch,
+                             torch.ones_like(bad) * batch, bad, bad])
+    sums[5] = torch.where((sums[5] == 0) & (bad > 0), float(step), sums[5])
+
+
+def _check_window(sums: torch.Tensor, accum_steps: int, *, epoch: int, step: int, lr: float) -> None:
+    """Every process, every micro-batch of the last NONFINITE_WINDOW steps non-finite: stop (one
+    host read per window; every process takes the same decision from the same sum)."""
+    window = distributed.all_reduce_sum(sums[4:5].clone()).item()
+    sums[4] = 0.0
+    if window >= NONFINITE_WINDOW * accum_steps * distributed.world_size():
+        raise NonFiniteLoss(
+            f"the loss was NaN or infinite at every one of the last {NONFINITE_WINDOW} steps on "
+            f"every process (epoch {epoch}, steps {step - NONFINITE_WINDOW + 1}-{step}, lr {lr:.4g})",
+            epoch=epoch, step=step, lr=lr)
 
 
 def _optimizer_step(t: Trainer) -> None:
@@ -417,6 +457,11 @@ class Run:
         if self.dist.is_main:
             print(message, flush=True)
 
+    def warn(self, message: str) -> None:
+        """Print to stderr on rank 0 only."""
+        if self.dist.is_main:
+            print(message, file=sys.stderr, flush=True)
+
 
 @dataclass
 class Data:
@@ -455,9 +500,15 @@ def setup_run(cfg: dict, dist_info: distributed.DistInfo, launched_at: float) ->
                       lr_scaling=lr_cfg["lr_scaling"])
     folder = cfg["logging"]["folder"]
     logger = RunLogger(folder, enabled=dist_info.is_main)
-    if not train_cfg["resume"] and os.path.exists(os.path.join(folder, "log.jsonl")):
-        raise FileExistsError(f"{folder} already holds a run (log.jsonl); continue it with "
-                              "--training.resume=1 or choose another --logging.folder")
+    logger.lock()
+    try:
+        if train_cfg["resume"] is False and os.path.exists(os.path.join(folder, "log.jsonl")):
+            raise FileExistsError(f"{folder} already holds a run (log.jsonl) and training.resume=0; "
+                                  "continue it with --training.resume=auto (or 1), or choose another "
+                                  "--logging.folder")
+    except BaseException:
+        logger.unlock()
+        raise
     run = Run(cfg, dist_info, precision, plan, logger, torch_threads, launched_at)
     run.say(plan["message"])
     return run
@@ -467,6 +518,12 @@ def setup_data(run: Run) -> Data:
     """Stage 2: the class list both files share, the train and val loaders of this rank."""
     cfg = run.cfg
     data_cfg, train_cfg, aug_cfg, val_cfg = cfg["data"], cfg["training"], cfg["augment"], cfg["validation"]
+    for key in ("train_dataset", "val_dataset"):
+        if not os.path.isfile(data_cfg[key]):
+            raise DataFileError(f"data.{key}={data_cfg[key]}: no such file")
+    if os.path.realpath(data_cfg["train_dataset"]) == os.path.realpath(data_cfg["val_dataset"]):
+        run.warn(f"warning: data.train_dataset and data.val_dataset are the same file "
+                 f"({data_cfg['val_dataset']}): validation scores images the model trains on")
     wnids = check_same_classes(data_cfg["train_dataset"], data_cfg["val_dataset"])
     num_workers = loader_workers(data_cfg, run.dist)
     loader_args = dict(num_workers=num_workers, device=run.device, rank=run.dist.rank,
@@ -557,34 +614,70 @@ def setup_teacher(run: Run, num_classes: int):
 
 
 def resume(run: Run, trainer: Trainer) -> tuple:
-    """Stage 5 (training.resume=1): the checkpoint's weights, optimizer, scaler, weight average and
-    RNG states, and where the run stood; from scratch when the folder holds no checkpoint. The log
-    keeps only the epochs before the one training goes on with. Returns (Progress, the epoch
-    resumed after or None)."""
+    """Stage 5 (training.resume=1 or auto): the checkpoint's weights, optimizer, scaler, weight
+    average and RNG states, and where the run stood (from the previous checkpoint when the last
+    cannot be read); from scratch when the folder holds none. `auto` goes on only with the same
+    run. The log keeps only the epochs before the one training goes on with. Returns (Progress,
+    the epoch resumed after or None)."""
     progress, resumed_from = Progress(), None
-    if not run.cfg["training"]["resume"]:
+    mode = run.cfg["training"]["resume"]
+    if mode is False:
         return progress, resumed_from
-    path = run.checkpoint_path
-    if os.path.exists(path):
-        checkpoint = ckpt_io.load_checkpoint(path)
-        ckpt_io.unwrap(trainer.model).load_state_dict(checkpoint["model"])
-        trainer.optimizer.load_state_dict(checkpoint["optimizer"])
-        if checkpoint.get("scaler"):
-            trainer.scaler.load_state_dict(checkpoint["scaler"])
-        if trainer.ema is not None:
-            if checkpoint.get("ema") is None:
-                raise ValueError(f"{path} holds no weight average: the run was "
-                                 "started without training.ema_decay; resume it without")
-            trainer.ema.load_state_dict(checkpoint["ema"])
-        ckpt_io.set_rng_state(checkpoint["rng"])
+    checkpoint, path = ckpt_io.load_latest(run.checkpoint_path, warn=run.warn)
+    if mode == "auto":
+        check_same_run(run, checkpoint)
+    if checkpoint is not None:
+        restore(trainer, checkpoint, path, run.cfg["model"]["arch"])
         progress = Progress(**{f.name: checkpoint[f.name] for f in fields(Progress)})
         resumed_from = progress.epoch
-        run.say(f"resuming {run.folder} after epoch {progress.epoch} (step {progress.step})")
-        _warn_resume_changes(run, checkpoint)
+        run.say(f"resuming {path} after epoch {progress.epoch} (step {progress.step})")
+        if mode is True:
+            _warn_resume_changes(run, checkpoint)
     else:
         run.say(f"no checkpoint in {run.folder}; starting from scratch")
     run.logger.keep_epochs_before(progress.epoch)
     return progress, resumed_from
+
+
+def restore(trainer: Trainer, checkpoint: dict, path: str, arch: str) -> None:
+    """Load the checkpoint's states into the trainer; CheckpointError naming `path` when they do
+    not fit this model and optimizer."""
+    try:
+        ckpt_io.unwrap(trainer.model).load_state_dict(checkpoint["model"])
+        trainer.optimizer.load_state_dict(checkpoint["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise ckpt_io.CheckpointError(
+            f"{path} does not fit this model (model.arch={arch}; the checkpoint's: "
+            f"{checkpoint.get('arch')}) or optimizer: {str(e).splitlines()[0]}") from None
+    if checkpoint.get("scaler"):
+        trainer.scaler.load_state_dict(checkpoint["scaler"])
+    if trainer.ema is not None:
+        if checkpoint.get("ema") is None:
+            raise ckpt_io.CheckpointError(f"{path} holds no weight average: the run was started "
+                                          "without training.ema_decay; resume it without")
+        trainer.ema.load_state_dict(checkpoint["ema"])
+    ckpt_io.set_rng_state(checkpoint["rng"])
+
+
+def check_same_run(run: Run, checkpoint: "dict | None") -> None:
+    """training.resume=auto: FileExistsError when the folder holds a run whose settings (from the
+    checkpoint, else from params.json) differ from this launch's beyond RESUME_MAY_CHANGE."""
+    if checkpoint is not None:
+        saved, derived = checkpoint.get("config") or {}, checkpoint.get("derived") or {}
+    else:
+        params = os.path.join(run.folder, "params.json")
+        if not os.path.exists(params):
+            return
+        with open(params) as f:
+            saved = json.load(f)
+        derived = saved.get("derived") or {}
+    changes = resume_changes(saved, run.cfg, precision=run.precision,
+                             saved_precision=derived.get("precision"))
+    if changes:
+        raise FileExistsError(
+            f"{run.folder} holds another run (settings differ: {'; '.join(changes)}); "
+            "training.resume=auto goes on only with the same run: continue that one with these "
+            "settings with --training.resume=1, or choose another --logging.folder")
 
 
 def _warn_resume_changes(run: Run, checkpoint: dict) -> None:
@@ -662,6 +755,7 @@ def fit(cfg: dict, *, launched_at: float = None) -> dict:
                       torch.backends.cudnn.benchmark)
     train_cfg = cfg["training"]
     dist_info = distributed.setup(train_cfg["device"], cpu_threads=train_cfg["cpu_threads"])
+    run = None
     try:
         if train_cfg["eval_only"]:
             return evaluate_checkpoint(cfg, dist_info)
@@ -677,6 +771,8 @@ def fit(cfg: dict, *, launched_at: float = None) -> dict:
         run.logger.write_json("env.json", environment(dist_info.world_size))
         return train_loop(run, data, trainer, progress, LaunchClock(run, progress, derived, resumed_from))
     finally:
+        if run is not None:
+            run.logger.unlock()
         distributed.cleanup()
         torch.set_num_threads(saved_settings[0])
         torch.use_deterministic_algorithms(saved_settings[1])
@@ -689,7 +785,16 @@ def train_loop(run: Run, data: Data, trainer: Trainer, progress: Progress, clock
     epochs = run.cfg["training"]["epochs"]
     val = None
     for epoch in range(progress.epoch, epochs):
-        record, val = run_epoch(run, data, trainer, progress, clock, epoch)
+        try:
+            record, val = run_epoch(run, data, trainer, progress, clock, epoch)
+        except NonFiniteLoss as e:
+            run.logger.log({"type": "failed", "reason": "non-finite loss", "epoch": e.epoch,
+                            "step": e.step, "lr": e.lr})
+            kept = (f"the last good checkpoint, {run.checkpoint_path} (after epoch {progress.epoch}), "
+                    "is kept" if progress.epoch else "no checkpoint was written")
+            raise NonFiniteLoss(f"{e}; the run stopped: nothing of epoch {e.epoch} is logged as done "
+                                f"or saved, {kept}; lower lr.lr (or check the data) and start again",
+                                epoch=e.epoch, step=e.step, lr=e.lr) from None
         if run.dist.is_main:
             print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                            for k, v in record.items() if k != "type"), flush=True)
@@ -724,6 +829,12 @@ def run_epoch(run: Run, data: Data, trainer: Trainer, progress: Progress, clock:
                             lr_fn=lambda e: lr_from_config(e, cfg, run.plan["peak_lr"]),
                             generator=generator, hooks=clock.hooks(epoch))
     clock.last_train_s = time.time() - epoch_start
+    if not weights_finite(trainer.model):  # one host read an epoch: nothing non-finite is saved
+        step, lr = stats["first_nonfinite"] or (data.steps_per_epoch, stats["lr"])
+        raise NonFiniteLoss(f"the weights are no longer finite at the end of epoch {epoch}: the loss "
+                            f"was NaN or infinite from step {step} of the epoch (lr {lr:.4g}; "
+                            f"{stats['nonfinite_batches']} micro-batches in all)", epoch=epoch,
+                            step=step, lr=lr)
     val = validate(run, data, trainer, clock, epoch)
     now = time.time()
     progress.epoch = epoch + 1
@@ -732,12 +843,19 @@ def run_epoch(run: Run, data: Data, trainer: Trainer, progress: Progress, clock:
     progress.total_images += stats["images"]
     progress.elapsed_s = clock.elapsed_s(now)
     record = {"type": "epoch", "epoch": epoch, "lr": stats["lr"], "resolution": resolution,
-              "train_loss": stats["train_loss"],
+              "train_loss": stats["train_loss"], "nonfinite_batches": stats["nonfinite_batches"],
               "train_images_per_s": stats["images"] / max(clock.last_train_s, 1e-9),
               **(val or {"top_1": None, "top_5": None, "val_loss": None, "val_count": None}),
               "epoch_s": now - epoch_start, "elapsed_s": progress.elapsed_s}
     run.logger.log(record)
     return record, val
+
+
+@torch.no_grad()
+def weights_finite(model) -> bool:
+    """Whether every parameter and buffer is finite (one host read)."""
+    tensors = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
 
 
 def _val_passes(run: Run, trainer: Trainer, epoch: int) -> int:
@@ -837,8 +955,6 @@ def evaluate_checkpoint(cfg: dict, dist_info) -> dict:
     result = {"type": "eval", "checkpoint": train_cfg["checkpoint"], "epoch": checkpoint.get("epoch"),
               "weights": weights, **result}
     if dist_info.is_main:
-        import json
-
         print(json.dumps(result), flush=True)
     return result
 
@@ -851,7 +967,22 @@ def main(argv=None, *, launched_at: float = None) -> int:
     except ValueError as e:  # ConfigError: the message names the key or file at fault
         print(f"ffcv-imagenet train: {e}", file=sys.stderr)
         return 2
-    fit(cfg, launched_at=launched_at)
+    try:
+        fit(cfg, launched_at=launched_at)
+    except (DataFileError, ckpt_io.CheckpointError, FileExistsError) as e:  # the user's to fix
+        print(f"ffcv-imagenet train: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    except NonFiniteLoss as e:
+        print(f"ffcv-imagenet train: error: {e}", file=sys.stderr, flush=True)
+        return 1
+    except RuntimeError as e:
+        if not distributed.lost_peer(e):
+            raise
+        print(f"ffcv-imagenet train: error: rank {os.environ.get('RANK', 0)}: a peer process is gone "
+              f"({str(e).strip().splitlines()[0][:300]}); torchrun restarts the group when "
+              "--max-restarts allows (the run resumes from its last checkpoint), else the job ends",
+              file=sys.stderr, flush=True)
+        return 1
     return 0
 
 

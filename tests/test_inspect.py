@@ -8,7 +8,8 @@ import pytest
 
 import writer_data as data
 from ffcv_imagenet import inspect
-from ffcv_imagenet.metadata import check_same_classes, metadata_path, read_metadata, write_metadata
+from ffcv_imagenet.metadata import (DataFileError, check_same_classes, metadata_path, read_metadata,
+                                    write_metadata)
 from ffcv_imagenet.writer import write_dataset
 
 
@@ -136,7 +137,7 @@ def test_check_same_classes_names_the_difference(tmp_path):
     write_metadata(d, {"wnids": ["n1", "n2", "n3", "n3"]})
     with pytest.raises(ValueError, match="repeats"):
         check_same_classes(a, d)
-    with pytest.raises(FileNotFoundError, match="metadata file not found"):
+    with pytest.raises(DataFileError, match="metadata file not found"):
         check_same_classes(a, tmp_path / "missing.beton")
 
 

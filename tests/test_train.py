@@ -10,8 +10,6 @@ subprocess: both use 1 torch thread and 1 decoding thread, so their weights are 
 
 import gc
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -20,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine_data import VAL_IMAGES, shared_betons
+from engine_data import EPOCHS, REPO, VAL_IMAGES, engine_env, records, run_args, shared_betons, torchrun_2
 from ffcv_imagenet import distributed, train
 from ffcv_imagenet.checkpoint import load_checkpoint
 from ffcv_imagenet.config import load_config
@@ -28,54 +26,11 @@ from ffcv_imagenet.config import load_config
 # numba's finalizers print KeyErrors when ffcv's compiled pipelines are collected (harmless)
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 
-REPO = Path(__file__).resolve().parents[1]
-EPOCHS = 3
 KILL_AT = "1:4"  # SIGKILL after optimizer step 4 of epoch 1 (of 10)
 EPOCH_FIELDS = ("epoch", "lr", "resolution", "train_loss", "train_images_per_s", "top_1", "top_5",
                 "val_loss", "val_count", "epoch_s", "elapsed_s", "time")
 SUMMARY_FIELDS = ("epochs", "top_1", "top_5", "elapsed_s", "startup_s", "total_images",
                   "mean_images_per_s", "time")
-
-
-def run_args(train_beton, val_beton, folder, *extra):
-    """80 train images, batch 8: 10 steps per epoch; bitwise reproducible on CPU with 1 thread."""
-    return [f"--data.train_dataset={train_beton}", f"--data.val_dataset={val_beton}",
-            f"--logging.folder={folder}", "--logging.progress=0",
-            "--model.arch=resnet18", "--training.use_blurpool=0", f"--training.epochs={EPOCHS}",
-            "--training.batch_size=8", "--training.label_smoothing=0", "--training.device=cpu",
-            "--training.cpu_threads=1", "--data.num_workers=1", "--training.deterministic=1",
-            "--lr.lr=0.02", "--lr.lr_schedule_type=cosine", "--augment.scale_min=0.5",
-            "--resolution.min_res=32", "--resolution.max_res=32", "--validation.resolution=32",
-            "--validation.batch_size=20", "--validation.lr_tta=0", *extra]
-
-
-def engine_env(**extra):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **extra}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    return env
-
-
-def torchrun_2(argv, timeout_s=240, **env):
-    """The engine under torchrun with 2 processes on this machine (gloo), as a user runs it. The
-    job runs in a session of its own: past `timeout_s` (a hang) the whole process group, torchrun
-    and its workers, is killed and the test fails saying so."""
-    torchrun = Path(sys.executable).with_name("torchrun")
-    proc = subprocess.Popen([str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "ffcv_imagenet.train",
-                             *argv], env=engine_env(**env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-        pytest.fail(f"torchrun still running after {timeout_s} s (killed with its workers):\n{stderr[-3000:]}")
-    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
-
-
-def records(folder, kind=None):
-    with open(Path(folder) / "log.jsonl") as f:
-        lines = [json.loads(line) for line in f if line.strip()]
-    return [r for r in lines if kind is None or r["type"] == kind]
 
 
 @pytest.fixture(scope="module")
@@ -361,8 +316,8 @@ def test_run_writes_params_and_env(reference_run):
 
 def test_a_finished_run_is_not_overwritten(betons, reference_run):
     folder, _ = reference_run
-    with pytest.raises(FileExistsError, match="resume=1"):
-        train.fit(load_config(run_args(*betons, folder)))
+    with pytest.raises(FileExistsError, match="already holds a run .* and training.resume=0"):
+        train.fit(load_config(run_args(*betons, folder, "--training.resume=0")))
 
 
 def test_eval_only_prints_the_checkpoint_top1(betons, reference_run, capsys):
@@ -562,7 +517,7 @@ def test_two_process_gloo_run_through_torchrun(betons, tmp_path):
     derived = json.loads((folder / "params.json").read_text())["derived"]
     assert (derived["world_size"], derived["accum_steps"], derived["global_batch_size"]) == (2, 2, 32)
     assert derived["steps_per_epoch"] == 2
-    assert sorted(p.name for p in folder.iterdir()) == ["checkpoint.pt", "env.json", "log.jsonl",
+    assert sorted(p.name for p in folder.iterdir()) == [".lock", "checkpoint.pt", "env.json", "log.jsonl",
                                                        "params.json"]
     model_keys = load_checkpoint(folder / "checkpoint.pt")["model"].keys()
     assert "fc.weight" in model_keys and not any(k.startswith("module.") for k in model_keys)

@@ -4,6 +4,7 @@ import signal
 import sys
 import time
 
+from ..metadata import fingerprint
 from .encode import check_free_space, estimate_output_bytes, page_size_for, single_threaded_opencv
 from .install import (install, metadata_record, partial_path, prepare_destination, raise_terminated,
                       remove_stale_partials, threading_is_main)
@@ -55,7 +56,8 @@ def _write(opts: WriterOptions, progress: bool) -> dict:
         stats = write_beton(temp, index, opts, page_size, progress)
         write_seconds = time.time() - write_started_s
         num_bytes = temp.stat().st_size
-        meta = metadata_record(index, opts, stats, num_bytes, images_found)
+        meta = {**metadata_record(index, opts, stats, num_bytes, images_found),
+                "fingerprint": fingerprint(temp)}
         meta_file = install(temp, destination, meta)
     finally:
         if previous_sigterm is not None:

@@ -17,11 +17,13 @@ def partial_path(write_path: Path, pid=None) -> Path:
 
 
 def remove_stale_partials(write_path: Path) -> list:
-    """Delete partials of `write_path` left by writers that no longer run (killed ones)."""
+    """Delete partials (and temporary metadata files) of `write_path` left by writers that no
+    longer run (killed ones)."""
     removed = []
-    prefix = f".{write_path.name}.partial-"
+    prefixes = (f".{write_path.name}.partial-", f"{write_path.name}.meta.json.tmp")
     for entry in write_path.parent.iterdir():
-        if not entry.name.startswith(prefix):
+        prefix = next((p for p in prefixes if entry.name.startswith(p)), None)
+        if prefix is None:
             continue
         pid_text = entry.name[len(prefix):]
         if not pid_text.isdigit():
@@ -86,13 +88,13 @@ def metadata_record(index: ImageIndex, opts: WriterOptions, stats: BetonStats, n
 def install(temp: Path, destination: Path, meta: dict) -> Path:
     """Put the finished partial file and its metadata at the destination; returns the metadata path.
 
-    Order matters: old .beton gone -> new metadata -> new .beton renamed in. A crash at any point
-    leaves either no .beton at the destination or one whose metadata matches it.
+    New metadata (renamed in), then the new .beton renamed over the old one: each an atomic
+    rename, and the old file stays at the destination until the new one replaces it. A crash
+    between the two leaves the old .beton with the new metadata, which the fingerprint in it
+    tells apart (training refuses the pair by name), and the finished partial.
     """
     from ffcv_imagenet.metadata import write_metadata
 
-    if destination.exists():
-        destination.unlink()
     meta_file = write_metadata(destination, meta)
     os.replace(temp, destination)
     _fsync_folder(destination.parent)
