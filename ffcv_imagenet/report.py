@@ -186,7 +186,10 @@ def _read_log(run: Run, path: Path) -> dict:
             run.problems.append(f"log.jsonl line {line_no} is not JSON (cut off while writing?)")
             continue
         kind = record.get("type", "epoch" if "epoch" in record else None)
-        launches["stopped"] = kind == "stopped" or (launches["stopped"] and kind not in ("start", "epoch"))
+        if kind in ("stopped", "failed"):  # how the last launch ended, unless another followed
+            launches["stopped"] = _end_reason(record)
+        elif kind in ("start", "epoch"):
+            launches["stopped"] = False
         if kind == "start":
             _read_start(run, record, launches)
         elif kind == "epoch":
@@ -233,7 +236,15 @@ def _read_launches(run: Run, launches: dict) -> None:
         run.precision = precisions[0]
 
 
-def _record_gaps(run: Run, *, stopped: bool) -> None:
+def _end_reason(record: dict) -> str:
+    if record.get("type") == "failed":
+        return f"failed: {record.get('reason', 'unknown')} at epoch {record.get('epoch')}"
+    if record.get("reason") == "SIGTERM":
+        return "stopped by SIGTERM"
+    return "stopped by training.stop_after_s"
+
+
+def _record_gaps(run: Run, *, stopped) -> None:
     """Missing fields (validation ones only where the run validated), start-up, epochs."""
     missing = {k for rec in run.epochs for k in EPOCH_FIELDS if rec.get(k) is None}
     numbered = [rec["epoch"] for rec in run.epochs if isinstance(rec.get("epoch"), int)]
@@ -250,7 +261,7 @@ def _record_gaps(run: Run, *, stopped: bool) -> None:
     if not run.complete:
         planned = run.planned_epochs if run.planned_epochs is not None else "?"
         run.problems.insert(0, f"incomplete {len(run.epochs)}/{planned} epochs"
-                               + (", stopped by training.stop_after_s" if stopped else ""))
+                               + (f", {stopped}" if stopped else ""))
 
 
 def _cli_values(argv) -> dict:

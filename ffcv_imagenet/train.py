@@ -26,6 +26,7 @@ import os
 import random
 import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field, fields
 
@@ -52,6 +53,14 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 # the loop reads from the device once per this many optimizer steps (and at the end of the epoch):
 # a run whose loss is not finite at every step of such a window, on every process, stops there
 NONFINITE_WINDOW = 20
+
+
+class Terminated(BaseException):
+    """SIGTERM (a batch system's time limit, `kill`, torchrun's agent ending its workers)."""
+
+
+def raise_terminated(signum, frame):
+    raise Terminated()
 
 
 class NonFiniteLoss(RuntimeError):
@@ -787,6 +796,11 @@ def train_loop(run: Run, data: Data, trainer: Trainer, progress: Progress, clock
     for epoch in range(progress.epoch, epochs):
         try:
             record, val = run_epoch(run, data, trainer, progress, clock, epoch)
+        except Terminated:
+            run.logger.log({"type": "stopped", "reason": "SIGTERM", "epoch": epoch,
+                            "elapsed_s": progress.elapsed_s})
+            raise Terminated(f"stopped by SIGTERM during epoch {epoch}; the checkpoint after epoch "
+                             f"{progress.epoch} is kept: run the same command to continue") from None
         except NonFiniteLoss as e:
             run.logger.log({"type": "failed", "reason": "non-finite loss", "epoch": e.epoch,
                             "step": e.step, "lr": e.lr})
@@ -967,8 +981,13 @@ def main(argv=None, *, launched_at: float = None) -> int:
     except ValueError as e:  # ConfigError: the message names the key or file at fault
         print(f"ffcv-imagenet train: {e}", file=sys.stderr)
         return 2
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, raise_terminated) if in_main_thread else None
     try:
         fit(cfg, launched_at=launched_at)
+    except Terminated as e:
+        print(f"ffcv-imagenet train: {e or 'stopped by SIGTERM'}", file=sys.stderr, flush=True)
+        return 128 + signal.SIGTERM
     except (DataFileError, ckpt_io.CheckpointError, FileExistsError) as e:  # the user's to fix
         print(f"ffcv-imagenet train: error: {e}", file=sys.stderr, flush=True)
         return 2
@@ -983,6 +1002,9 @@ def main(argv=None, *, launched_at: float = None) -> int:
               "--max-restarts allows (the run resumes from its last checkpoint), else the job ends",
               file=sys.stderr, flush=True)
         return 1
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 

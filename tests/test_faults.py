@@ -386,3 +386,28 @@ def test_the_slurm_script_runs_two_nodes_and_a_resubmission_resumes(betons, tmp_
     assert [r["epoch"] for r in records(folder, "epoch")] == [0, 1] and len(records(folder, "summary")) == 1
     assert [r["resumed_from_epoch"] for r in records(folder, "start")] == [None, 1]
     assert load_checkpoint(folder / "checkpoint.pt")["derived"]["world_size"] == 2
+
+
+@pytest.mark.slow
+def test_sigterm_ends_the_run_with_a_stopped_line_and_the_checkpoint_kept(betons, tmp_path):
+    """SIGTERM (a batch system's time limit) ends the run like training.stop_after_s does: a
+    message, a `stopped` line naming the signal, exit 143, the last checkpoint kept; `report`
+    says so; the same command continues the run."""
+    from ffcv_imagenet import report
+
+    folder = tmp_path / "term"
+    argv = run_args(*betons, folder, "--training.epochs=8", "--training.deterministic=0")
+    proc = subprocess.Popen([sys.executable, "-m", "ffcv_imagenet.train", *argv], env=engine_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (folder / "checkpoint.pt").exists():
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err[-3000:]
+    assert "ffcv-imagenet train: stopped by SIGTERM during epoch" in err
+    (stopped,) = records(folder, "stopped")
+    assert stopped["reason"] == "SIGTERM" and load_checkpoint(folder / "checkpoint.pt")["epoch"] >= 1
+    (run,) = report.find_runs([str(folder)])
+    assert any("stopped by SIGTERM" in p for p in run.problems), run.problems

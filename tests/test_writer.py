@@ -547,6 +547,26 @@ def test_labels_naming_unknown_wnids_are_listed(tmp_path, items):
     assert not (tmp_path / "v.beton").exists()
 
 
+def test_an_image_labelled_twice_with_different_classes_is_refused(tmp_path, items):
+    """The last row used to win in silence; the same row twice is harmless."""
+    from ffcv_imagenet.writer.sources.common import stem
+
+    root = data.write_flat_val(tmp_path / "val", items)
+    classes = tmp_path / "classes.txt"
+    classes.write_text("\n".join(data.WNIDS) + "\n")
+    csv = data.write_csv_labels(tmp_path / "sol.csv", items)
+    txt = data.write_index_labels(tmp_path / "val.txt", items, list(data.WNIDS))
+    for labels, first_line, sep in ((csv, 2, ","), (txt, 1, " ")):
+        rows = labels.read_text().splitlines()
+        name, first = rows[first_line - 1].replace(",", " ").split()[:2]
+        other = next(w for w in (data.WNIDS if sep == "," else "012") if w != first)
+        labels.write_text("\n".join([*rows, rows[first_line - 1], f"{name}{sep}{other}"]) + "\n")
+        with pytest.raises(WriterError, match=f"{labels} line {len(rows) + 2}: {stem(name)} is labelled "
+                           f"{other} here and {first} on line {first_line}; an image has one label"):
+            write(root, tmp_path / "v.beton", split="val", val_labels=labels, classes=classes)
+        assert not (tmp_path / "v.beton").exists()
+
+
 # ----------------------------------------------------------------------------------------------
 # Options, free disk, --help, entry points
 

@@ -119,15 +119,15 @@ def read_val_labels(path) -> tuple:
         first = f.readline()
         f.seek(0)
         if first.replace(" ", "").lower().startswith("imageid,predictionstring"):
-            mapping = {}
+            mapping, lines = {}, {}
             for row_number, row in enumerate(csv.DictReader(f), start=2):
                 tokens = (row.get("PredictionString") or "").split()
                 if not row.get("ImageId") or not tokens:
                     raise WriterError(f"{path} line {row_number}: expected "
                                       f"ImageId,PredictionString with a wnid first, got {row}")
-                mapping[stem(row["ImageId"])] = tokens[0]
+                _put(mapping, lines, stem(row["ImageId"]), tokens[0], row_number, path)
             return mapping, "wnid"
-        mapping, kinds = {}, set()
+        mapping, lines, kinds = {}, {}, set()
         for line_number, line in enumerate(f, start=1):
             tokens = line.replace(",", " ").split()
             if not tokens:
@@ -139,17 +139,23 @@ def read_val_labels(path) -> tuple:
                     "ILSVRC2012_validation_ground_truth.txt uses the ILSVRC2012_ID order, not "
                     "sorted wnids, and is not supported; use LOC_val_solution.csv)")
             name, label = tokens
-            if re.fullmatch(r"\d+", label):
-                mapping[stem(name)] = int(label)
-                kinds.add("index")
-            else:
-                mapping[stem(name)] = label
-                kinds.add("wnid")
+            is_index = re.fullmatch(r"\d+", label) is not None
+            _put(mapping, lines, stem(name), int(label) if is_index else label, line_number, path)
+            kinds.add("index" if is_index else "wnid")
     if not mapping:
         raise WriterError(f"cfg.val_labels={path}: no labels in the file")
     if len(kinds) > 1:
         raise WriterError(f"{path}: mixes class indices and wnids; use one or the other")
     return mapping, kinds.pop()
+
+
+def _put(mapping: dict, lines: dict, name: str, label, line_number: int, path: str) -> None:
+    """mapping[name] = label, refusing an image listed twice with different labels (the last
+    row would silently win)."""
+    if name in mapping and mapping[name] != label:
+        raise WriterError(f"{path} line {line_number}: {name} is labelled {label} here and "
+                          f"{mapping[name]} on line {lines[name]}; an image has one label")
+    mapping[name], lines[name] = label, lines.get(name, line_number)
 
 
 def class_list(found: set, classes_file, what: str) -> list:
