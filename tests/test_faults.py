@@ -411,3 +411,35 @@ def test_sigterm_ends_the_run_with_a_stopped_line_and_the_checkpoint_kept(betons
     assert stopped["reason"] == "SIGTERM" and load_checkpoint(folder / "checkpoint.pt")["epoch"] >= 1
     (run,) = report.find_runs([str(folder)])
     assert any("stopped by SIGTERM" in p for p in run.problems), run.problems
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one_accumulating_two_micro_batches(tmp_path):
+    """"Same result on 1 or 8 GPUs", shown: 2 processes (DDP) with a micro-batch of 4 each against
+    one process accumulating 2 micro-batches of 4, the same 3 steps. Without BatchNorm the weights
+    are equal. With BatchNorm every micro-batch is normalised by its own statistics either way, so
+    the learned weights are equal too; the running statistics differ: one process
+    updates them once per micro-batch (twice a step), under DDP each process once per step from
+    its own micro-batch and rank 0's are broadcast at the next forward."""
+    from engine_data import REPO
+
+    script = REPO / "tests" / "accumulation_vs_processes.py"
+    (tmp_path / "ddp").mkdir()
+    (tmp_path / "accum").mkdir()
+    torchrun = Path(sys.executable).with_name("torchrun")
+    out = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", str(script),
+                          str(tmp_path / "ddp"), "2"], env=engine_env(), capture_output=True, text=True,
+                         timeout=240)
+    assert out.returncode == 0, out.stderr[-3000:]
+    out = subprocess.run([sys.executable, str(script), str(tmp_path / "accum"), "2"], env=engine_env(),
+                         capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stderr[-3000:]
+    for name in ("no_bn", "resnet18"):
+        ddp, accum = (torch.load(tmp_path / d / f"{name}.pt") for d in ("ddp", "accum"))
+        for key in ddp:
+            if "running_" in key or "num_batches" in key:
+                continue
+            assert torch.equal(ddp[key], accum[key]), (name, key)  # bitwise, on this CPU
+    ddp, accum = (torch.load(tmp_path / d / "resnet18.pt") for d in ("ddp", "accum"))
+    assert ddp["bn1.num_batches_tracked"] == 3 and accum["bn1.num_batches_tracked"] == 6
+    assert not torch.allclose(ddp["bn1.running_mean"], accum["bn1.running_mean"])
