@@ -50,6 +50,10 @@ def cpu_has_fast_bf16() -> bool:
         return torch.backends.cpu.get_cpu_capability().upper().startswith("AVX512")
 
 
+class DeviceError(ValueError):
+    """A device the command asks for that this machine does not have."""
+
+
 def setup(device: str = "auto", timeout_s: float = 600.0, cpu_threads: int = 0) -> DistInfo:
     """Initialise from torchrun's environment; device is 'auto', 'cuda' or 'cpu'.
 
@@ -62,7 +66,9 @@ def setup(device: str = "auto", timeout_s: float = 600.0, cpu_threads: int = 0) 
 
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if use_cuda and not torch.cuda.is_available():
-        raise RuntimeError("training.device=cuda but torch sees no CUDA device")
+        raise DeviceError("training.device=cuda but torch sees no CUDA device (torch "
+                          f"{torch.__version__}, CUDA build {torch.version.cuda}); use "
+                          "--training.device=cpu or auto")
     backend = choose_backend(use_cuda, local_world_size)
     if use_cuda:
         dev = torch.device("cuda", local_rank % torch.cuda.device_count())

@@ -988,7 +988,7 @@ def main(argv=None, *, launched_at: float = None) -> int:
     except Terminated as e:
         print(f"ffcv-imagenet train: {e or 'stopped by SIGTERM'}", file=sys.stderr, flush=True)
         return 128 + signal.SIGTERM
-    except (DataFileError, ckpt_io.CheckpointError, FileExistsError) as e:  # the user's to fix
+    except (DataFileError, ckpt_io.CheckpointError, FileExistsError, distributed.DeviceError) as e:
         print(f"ffcv-imagenet train: error: {e}", file=sys.stderr, flush=True)
         return 2
     except NonFiniteLoss as e:

@@ -38,10 +38,14 @@ def test_cpu_thread_share_ignores_torchruns_one_thread(monkeypatch):
         torch.set_num_threads(threads)
 
 
-def test_cuda_requested_without_a_gpu_is_an_error(monkeypatch):
+def test_cuda_requested_without_a_gpu_is_an_error(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(RuntimeError, match="training.device=cuda"):
+    with pytest.raises(distributed.DeviceError, match="training.device=cuda but torch sees no CUDA device"):
         distributed.setup("cuda")
+    from ffcv_imagenet import train  # on the command line: one line, exit 2
+
+    assert train.main(["--training.device=cuda", "--data.train_dataset=x", "--data.val_dataset=y"]) == 2
+    assert capsys.readouterr().err.startswith("ffcv-imagenet train: error: training.device=cuda but")
 
 
 def test_backend_is_nccl_for_one_process_per_gpu_else_gloo(monkeypatch):

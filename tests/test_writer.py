@@ -567,6 +567,24 @@ def test_an_image_labelled_twice_with_different_classes_is_refused(tmp_path, ite
         assert not (tmp_path / "v.beton").exists()
 
 
+def test_images_too_small_for_the_loaders_are_refused_naming_the_file(tmp_path):
+    """A 1x1 image, and a 10000x20 one that would be stored 64x1, used to be written and then
+    abort training in validation inside OpenCV; now the writer names them (skip_bad skips them)."""
+    root = tmp_path / "train" / "n01"
+    root.mkdir(parents=True)
+    (root / "a_fine.JPEG").write_bytes(data.jpeg_bytes(data.gradient(64, 2, 0)))  # 2 px: loads
+    (root / "b_dot.JPEG").write_bytes(data.jpeg_bytes(data.gradient(1, 1, 0)))
+    (root / "c_strip.JPEG").write_bytes(data.jpeg_bytes(data.gradient(10000, 20, 0)))
+    with pytest.raises(WriterError, match=r"b_dot.JPEG: image too small \(TooSmall: 1x1 px would be "
+                       r"stored as 1x1, below the 2 px shorter side the loaders' crops need\)"):
+        write(root.parent, tmp_path / "t.beton", max_resolution=64, num_workers=1)
+    summary = write(root.parent, tmp_path / "t.beton", max_resolution=64, num_workers=1, skip_bad=True)
+    assert summary["samples"] == 1
+    assert [s["file"] for s in summary["skipped"]] == [str(root / "b_dot.JPEG"), str(root / "c_strip.JPEG")]
+    strip = summary["skipped"][1]["error"]
+    assert "10000x20 px would be stored as 64x1 once its longer side is scaled to 64 px" in strip
+
+
 # ----------------------------------------------------------------------------------------------
 # Options, free disk, --help, entry points
 

@@ -41,6 +41,17 @@ def encode_jpeg(image: np.ndarray, quality: int, restart_interval: int = 0) -> n
     return encoded.reshape(-1)
 
 
+# the shortest side a stored image may have: a 1-px side makes the loaders' crops (the 224/256
+# centre crop, the random-resized crop) round to nothing and OpenCV's resize then aborts the
+# whole process (measured with both decoders, raw and JPEG samples: 1x1 and 64x1 abort; 2x2,
+# 64x2, 8x5 load)
+MIN_SIDE = 2
+
+
+class TooSmall(ValueError):
+    """An image whose shorter side, once stored, would be below MIN_SIDE."""
+
+
 def target_size(width: int, height: int, max_resolution: int) -> tuple:
     """(width, height) with the longer side at most max_resolution px, aspect kept."""
     longer = max(width, height)
@@ -62,6 +73,11 @@ def decode_image(data: bytes, max_resolution: int) -> np.ndarray:
         with Image.open(io.BytesIO(data)) as image:
             width, height = image.size
             new_size = target_size(width, height, max_resolution)
+            if min(new_size) < MIN_SIDE:
+                scaled = (f" once its longer side is scaled to {max_resolution} px"
+                          if new_size != (width, height) else "")
+                raise TooSmall(f"{width}x{height} px would be stored as {new_size[0]}x{new_size[1]}{scaled}, "
+                               f"below the {MIN_SIDE} px shorter side the loaders' crops need")
             if new_size != (width, height) and image.format == "JPEG":
                 # libjpeg scales by 1/2..1/8 while decoding, never below new_size
                 image.draft(None, new_size)

@@ -131,7 +131,8 @@ def _run_workers(n: int, opts: WriterOptions, worker_args: tuple, progress: bool
                 elif kind == "bad":
                     _, i, name, error = message
                     if not opts.skip_bad:
-                        raise WriterError(f"{name}: cannot decode image ({error}); fix or remove "
+                        what = "image too small" if error.startswith("TooSmall") else "cannot decode image"
+                        raise WriterError(f"{name}: {what} ({error}); fix or remove "
                                           "it, or pass --cfg.skip_bad=1 to skip such files")
                     bad[i] = {"file": name, "error": error}
                 elif kind == "allocations":
