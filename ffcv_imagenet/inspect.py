@@ -180,6 +180,7 @@ def inspect_beton(path, verify=False, num_workers=None) -> dict:
         report["longer_side_px"] = longer_side_histogram(images["height"], images["width"])
         report["raw"] = int(np.sum(images["mode"] == RAW_MODE))
         report["jpeg"] = int(np.sum(images["mode"] == JPEG_MODE))
+        problems += _image_problems(beton, images)
         if verify:
             failures = verify_images(path, beton.num_samples, num_workers)
             report["verify"] = {"decoded": beton.num_samples - len(failures),
@@ -188,6 +189,29 @@ def inspect_beton(path, verify=False, num_workers=None) -> dict:
                 problems.append(f"{len(failures)} of {beton.num_samples} images fail to decode, "
                                 f"e.g. sample {failures[0][0]}: {failures[0][1]}")
     return report
+
+
+def _image_problems(beton: BetonFile, images) -> list:
+    """Without decoding: samples too small for the loaders' crops (see writer.encode.MIN_SIDE),
+    and data the index places past the end of the file (a tail cut off)."""
+    from ffcv_imagenet.writer.encode import MIN_SIDE
+
+    problems = []
+    small = np.flatnonzero(np.minimum(images["height"], images["width"]) < MIN_SIDE)
+    if len(small):
+        i = int(small[0])
+        problems.append(f"{len(small)} images have a side below {MIN_SIDE} px, e.g. sample {i} "
+                        f"({int(images['width'][i])}x{int(images['height'][i])}): training aborts "
+                        "on them inside OpenCV; write the file again (the writer now refuses them)")
+    unindexed = np.flatnonzero(~np.isin(images["data_ptr"], beton._ptrs))
+    if len(unindexed):  # the allocation table, at the end of the file, lost its last rows
+        problems.append(f"{len(unindexed)} images have no entry in the allocation table, e.g. "
+                        f"sample {int(unindexed[0])}: the file's tail is cut off")
+    end = int(np.max(beton._ptrs + beton._sizes, initial=0))
+    if end > beton._data.size:
+        problems.append(f"the index places data up to byte {end:,} but the file ends at byte "
+                        f"{beton._data.size:,}: its tail is cut off")
+    return problems
 
 
 def format_report(r: dict) -> str:

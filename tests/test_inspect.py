@@ -156,3 +156,31 @@ def test_val_written_with_train_classes_matches_train(tmp_path):
         check_same_classes(train, tmp_path / "loose.beton")
     write_dataset(root, tmp_path / "pinned.beton", classes=train, **options)
     assert check_same_classes(train, tmp_path / "pinned.beton") == list(data.WNIDS)
+
+
+def test_plain_inspect_flags_a_cut_tail_and_images_too_small(beton, tmp_path, capsys, monkeypatch):
+    """Without --inspect.verify: a file whose last bytes are gone (with or without the metadata's
+    fingerprint) and samples below the loaders' 2 px (written by an older writer) are problems."""
+    from ffcv_imagenet.writer import encode
+
+    cut = tmp_path / "cut.beton"
+    cut.write_bytes(beton.read_bytes()[:-100])
+    meta = json.loads(metadata_path(beton).read_text())
+    for with_fingerprint in (True, False):
+        if not with_fingerprint:
+            meta.pop("fingerprint")
+        metadata_path(cut).write_text(json.dumps(meta))
+        assert inspect.main([str(cut)]) == 1
+        out = capsys.readouterr()
+        expected = "bytes but was written as" if with_fingerprint else "the file's tail is cut off"
+        assert expected in out.out, out.out
+
+    monkeypatch.setattr(encode, "MIN_SIDE", 1)  # as the writer did before it refused them
+    folder = tmp_path / "tiny" / "n01"
+    folder.mkdir(parents=True)
+    (folder / "dot.JPEG").write_bytes(data.jpeg_bytes(data.gradient(1, 1, 0)))
+    tiny = tmp_path / "tiny.beton"
+    write_dataset(folder.parent, tiny, split="train", num_workers=1, progress=False)
+    monkeypatch.undo()
+    assert inspect.main([str(tiny)]) == 1
+    assert "1 images have a side below 2 px, e.g. sample 0 (1x1)" in capsys.readouterr().out
