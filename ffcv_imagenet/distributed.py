@@ -11,6 +11,10 @@ natively (which `train.resolve_precision` and the run's env.json ask).
 """
 
 import datetime
+import signal
+import sys
+import threading
+import time
 import os
 from dataclasses import dataclass
 
@@ -82,7 +86,28 @@ def setup(device: str = "auto", timeout_s: float = 600.0, cpu_threads: int = 0) 
         dist.init_process_group(backend=backend, timeout=timeout, store=attempt_store(timeout),
                                 rank=rank, world_size=world_size,
                                 device_id=dev if backend == "nccl" else None)
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        watch_agent()
     return DistInfo(rank, world_size, local_rank, local_world_size, dev)
+
+
+def watch_agent(poll_s: float = 2.0) -> threading.Thread:
+    """Under torchrun: end this worker (SIGTERM to itself) when its agent is gone. An agent killed
+    alone (SIGKILL, OOM killer) leaves its workers running as orphans that nothing will restart;
+    ended, they close their connections, so that the other nodes' workers fail at their next
+    collective and name the lost peer instead of training on with a node that cannot recover."""
+    agent = os.getppid()
+
+    def watch():
+        while os.getppid() == agent:
+            time.sleep(poll_s)
+        print(f"rank {os.environ.get('RANK', 0)}: its torchrun agent (pid {agent}) is gone; ending "
+              "this worker", file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    thread = threading.Thread(target=watch, name="watch-torchrun-agent", daemon=True)
+    thread.start()
+    return thread
 
 
 def attempt_store(timeout: datetime.timedelta) -> "dist.Store":

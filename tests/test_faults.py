@@ -443,3 +443,43 @@ def test_two_processes_train_like_one_accumulating_two_micro_batches(tmp_path):
     ddp, accum = (torch.load(tmp_path / d / "resnet18.pt") for d in ("ddp", "accum"))
     assert ddp["bn1.num_batches_tracked"] == 3 and accum["bn1.num_batches_tracked"] == 6
     assert not torch.allclose(ddp["bn1.running_mean"], accum["bn1.running_mean"])
+
+
+def tcp_connections(pid: int) -> list:
+    process = psutil.Process(pid)
+    return getattr(process, "net_connections", process.connections)(kind="tcp")  # psutil < 6: connections
+
+
+@pytest.mark.slow
+def test_an_agent_killed_alone_ends_its_worker_and_the_other_node_names_the_lost_peer(betons, tmp_path):
+    """Only node 1's torchrun agent SIGKILLed: its worker notices (its parent is gone) and ends;
+    node 0's worker then fails at its next collective naming the lost peer, and node 0 ends
+    non-zero within 60 s instead of training on with a node that cannot recover."""
+    folder = tmp_path / "agent"
+    port = free_port()
+    argv = run_args(*betons, folder, "--training.epochs=30", "--training.global_batch_size=16",
+                    "--training.deterministic=0")
+    procs = [launch_node(argv, tmp_path / f"node{i}.txt", port=port) for i in range(2)]
+    try:
+        deadline = time.time() + 180
+        while not (folder / "checkpoint.pt").exists():
+            assert all(p.poll() is None for p in procs) and time.time() < deadline
+            time.sleep(0.05)
+        # the agent only, of the node that does not host the rendezvous store (whose loss ends
+        # the other agent at once, a case test_a_lost_node_... covers)
+        host = next(i for i, p in enumerate(procs) if any(
+            c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in tcp_connections(p.pid)))
+        lost, survivor = procs[1 - host], procs[host]
+        os.kill(lost.pid, signal.SIGKILL)
+        started = time.time()
+        codes = wait_all([survivor], 60)
+    finally:
+        for proc in procs:  # the orphaned worker too, should the test fail
+            for child in psutil.Process(proc.pid).children(recursive=True) if proc.poll() is None else []:
+                child.kill()
+        wait_all(procs, 1)
+    assert codes[0] != 0 and time.time() - started < 60
+    assert "its torchrun agent (pid" in (tmp_path / f"node{1 - host}.txt").read_text()
+    text = (tmp_path / f"node{host}.txt").read_text()
+    assert "a peer process is gone" in text and "ffcv_imagenet.train FAILED" in text, text[-3000:]
+    assert not records(folder, "summary")
