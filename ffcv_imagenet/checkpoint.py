@@ -75,6 +75,7 @@ def save_checkpoint(path, checkpoint: dict) -> None:
     any point leaves a readable checkpoint. A write that fails (a full disk: ENOSPC) removes its
     temporary file and raises CheckpointError naming `path`; both earlier files stay as they were."""
     path = str(path)
+    remove_stale_temporaries(path)
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
@@ -92,6 +93,30 @@ def save_checkpoint(path, checkpoint: dict) -> None:
     if os.path.exists(path):
         _keep_previous(path)
     os.replace(tmp, path)
+
+
+def remove_stale_temporaries(path: str) -> list:
+    """Delete `<path>.tmp<pid>` (and the previous file's) left by processes that no longer run (a
+    kill in the middle of a save): full-size files nothing else would remove."""
+    folder = os.path.dirname(path) or "."
+    removed = []
+    for name in os.listdir(folder):
+        for prefix in (os.path.basename(path) + ".tmp", os.path.basename(previous_path(path)) + ".tmp"):
+            pid = name[len(prefix):]
+            if name.startswith(prefix) and pid.isdigit() and not _alive(int(pid)):
+                os.remove(os.path.join(folder, name))
+                removed.append(name)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _keep_previous(path: str) -> None:

@@ -83,7 +83,7 @@ def setup(device: str = "auto", timeout_s: float = 600.0, cpu_threads: int = 0) 
 
     if world_size > 1 and not dist.is_initialized():
         timeout = datetime.timedelta(seconds=timeout_s)
-        dist.init_process_group(backend=backend, timeout=timeout, store=attempt_store(timeout),
+        dist.init_process_group(backend=backend, timeout=timeout, store=attempt_store(timeout, world_size),
                                 rank=rank, world_size=world_size,
                                 device_id=dev if backend == "nccl" else None)
     if "TORCHELASTIC_RUN_ID" in os.environ:
@@ -104,18 +104,24 @@ def watch_agent(poll_s: float = 2.0) -> threading.Thread:
         print(f"rank {os.environ.get('RANK', 0)}: its torchrun agent (pid {agent}) is gone; ending "
               "this worker", file=sys.stderr, flush=True)
         os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)  # a worker blocked inside a collective never runs the Python handler
+        os._exit(128 + signal.SIGTERM)
 
     thread = threading.Thread(target=watch, name="watch-torchrun-agent", daemon=True)
     thread.start()
     return thread
 
 
-def attempt_store(timeout: datetime.timedelta) -> "dist.Store":
+def attempt_store(timeout: datetime.timedelta, world_size: int) -> "dist.Store":
     """torchrun's store (env://), its keys under a prefix of this attempt: after a restart
     (--max-restarts) the new workers must not read the addresses the failed ones left in it
-    (gloo then connects to a dead process: 'connectFullMesh failed ... Connection refused')."""
+    (gloo then connects to a dead process: 'connectFullMesh failed ... Connection refused').
+    The attempt is counted in the store itself, every process of every attempt arriving once:
+    TORCHELASTIC_RESTART_COUNT is not it, as an agent that restarts its healthy workers because
+    another node failed does not count a restart."""
     store, _, _ = next(dist.rendezvous("env://", timeout=timeout))
-    return dist.PrefixStore(f"ffcv_imagenet/attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    arrival = store.add("ffcv_imagenet/arrivals", 1)
+    return dist.PrefixStore(f"ffcv_imagenet/attempt{(arrival - 1) // world_size}", store)
 
 
 def choose_backend(use_cuda: bool, local_world_size: int) -> str:

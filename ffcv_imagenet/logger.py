@@ -41,6 +41,7 @@ class RunLogger:
         self.folder = str(folder)
         self.enabled = enabled
         self.log_path = os.path.join(self.folder, "log.jsonl")
+        self.created_folder = enabled and not os.path.exists(self.folder)
         if enabled:
             os.makedirs(self.folder, exist_ok=True)
 
@@ -54,13 +55,12 @@ class RunLogger:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "unknown"
             os.close(fd)
-            raise FileExistsError(f"{self.folder} is in use by another run (pid {holder}, host "
-                                  f"{socket.gethostname()} or one sharing the folder); wait for "
-                                  "it to end or choose another --logging.folder") from None
+            raise FileExistsError(f"{self.folder} is in use by another run (pid@host {holder}); wait "
+                                  "for it to end or choose another --logging.folder") from None
         os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
+        os.write(fd, f"{os.getpid()}@{socket.gethostname()}".encode())
         self._lock_fd = fd
 
     def unlock(self) -> None:
@@ -69,11 +69,15 @@ class RunLogger:
         fd = getattr(self, "_lock_fd", None)
         if fd is None:
             return
-        if os.listdir(self.folder) == [".lock"]:
-            os.remove(os.path.join(self.folder, ".lock"))
-            os.rmdir(self.folder)
-        os.close(fd)  # closing the descriptor releases the flock
         self._lock_fd = None
+        try:
+            if self.created_folder and os.listdir(self.folder) == [".lock"]:
+                os.remove(os.path.join(self.folder, ".lock"))
+                os.rmdir(self.folder)
+        except OSError:
+            pass  # another launch took the folder meanwhile: it stays
+        finally:
+            os.close(fd)  # closing the descriptor releases the flock
 
     def write_json(self, name: str, obj: dict) -> None:
         if not self.enabled:
@@ -95,10 +99,18 @@ class RunLogger:
             os.fsync(f.fileno())
 
     def records(self) -> list:
+        """The log's records; a line cut off by a kill in the middle of a write is left out (the
+        resume that reads them rewrites the log without it)."""
         if not os.path.exists(self.log_path):
             return []
+        records = []
         with open(self.log_path) as f:
-            return [json.loads(line) for line in f if line.strip()]
+            for line in f:
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue
+        return records
 
     def keep_epochs_before(self, epoch: int) -> None:
         """On resume from a checkpoint taken after `epoch` epochs: drop epoch lines >= epoch and

@@ -509,15 +509,19 @@ def setup_run(cfg: dict, dist_info: distributed.DistInfo, launched_at: float) ->
                       lr_scaling=lr_cfg["lr_scaling"])
     folder = cfg["logging"]["folder"]
     logger = RunLogger(folder, enabled=dist_info.is_main)
-    logger.lock()
-    try:
+    refusal = None
+    try:  # rank 0 locks the folder; every rank learns the outcome (none waits for one that left)
+        logger.lock()
         if train_cfg["resume"] is False and os.path.exists(os.path.join(folder, "log.jsonl")):
             raise FileExistsError(f"{folder} already holds a run (log.jsonl) and training.resume=0; "
                                   "continue it with --training.resume=auto (or 1), or choose another "
                                   "--logging.folder")
-    except BaseException:
+    except FileExistsError as e:
+        refusal = str(e)
+    refusal = distributed.broadcast_object(refusal)
+    if refusal is not None:
         logger.unlock()
-        raise
+        raise FileExistsError(refusal)
     run = Run(cfg, dist_info, precision, plan, logger, torch_threads, launched_at)
     run.say(plan["message"])
     return run
@@ -799,8 +803,10 @@ def train_loop(run: Run, data: Data, trainer: Trainer, progress: Progress, clock
         except Terminated:
             run.logger.log({"type": "stopped", "reason": "SIGTERM", "epoch": epoch,
                             "elapsed_s": progress.elapsed_s})
-            raise Terminated(f"stopped by SIGTERM during epoch {epoch}; the checkpoint after epoch "
-                             f"{progress.epoch} is kept: run the same command to continue") from None
+            kept = (f"the checkpoint after epoch {progress.epoch} is kept" if progress.epoch
+                    else "no checkpoint was written yet")
+            raise Terminated(f"stopped by SIGTERM during epoch {epoch}; {kept}: run the same command "
+                             "to continue") from None
         except NonFiniteLoss as e:
             run.logger.log({"type": "failed", "reason": "non-finite loss", "epoch": e.epoch,
                             "step": e.step, "lr": e.lr})
@@ -812,8 +818,7 @@ def train_loop(run: Run, data: Data, trainer: Trainer, progress: Progress, clock
         if run.dist.is_main:
             print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                            for k, v in record.items() if k != "type"), flush=True)
-            save(run, data, trainer, progress)  # rank 0 only: the other ranks hold the same weights
-        distributed.barrier()
+        save(run, data, trainer, progress)
         stopped = stop_before_next(run, data, trainer, progress, clock, epoch)
         if stopped is not None:
             return stopped
@@ -867,9 +872,11 @@ def run_epoch(run: Run, data: Data, trainer: Trainer, progress: Progress, clock:
 
 @torch.no_grad()
 def weights_finite(model) -> bool:
-    """Whether every parameter and buffer is finite (one host read)."""
+    """Whether every parameter and buffer is finite on every process (one host read; the same
+    answer on every rank, whose BatchNorm buffers may differ)."""
     tensors = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
-    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+    bad = (~torch.stack([torch.isfinite(t).all() for t in tensors])).sum().double()
+    return distributed.all_reduce_sum(bad.reshape(1)).item() == 0
 
 
 def _val_passes(run: Run, trainer: Trainer, epoch: int) -> int:
@@ -905,7 +912,21 @@ def validate(run: Run, data: Data, trainer: Trainer, clock: LaunchClock, epoch: 
 
 
 def save(run: Run, data: Data, trainer: Trainer, progress: Progress) -> None:
-    """Stage 7: the checkpoint after an epoch (written whole, then renamed)."""
+    """Stage 7: the checkpoint after an epoch (written whole, then renamed), by rank 0 (the other
+    ranks hold the same weights); every rank learns whether it failed (a full disk), so that
+    all stop together instead of waiting for rank 0."""
+    error = None
+    if run.dist.is_main:
+        try:
+            _save(run, data, trainer, progress)
+        except ckpt_io.CheckpointError as e:
+            error = str(e)
+    error = distributed.broadcast_object(error)
+    if error is not None:
+        raise ckpt_io.CheckpointError(error)
+
+
+def _save(run: Run, data: Data, trainer: Trainer, progress: Progress) -> None:
     ckpt_io.save_checkpoint(run.checkpoint_path, {
         "model": ckpt_io.model_state(trainer.model), "optimizer": trainer.optimizer.state_dict(),
         "scaler": trainer.scaler.state_dict() if trainer.scaler.is_enabled() else None,
@@ -982,11 +1003,13 @@ def main(argv=None, *, launched_at: float = None) -> int:
         print(f"ffcv-imagenet train: {e}", file=sys.stderr)
         return 2
     in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, raise_terminated) if in_main_thread else None
+    previous = signal.getsignal(signal.SIGTERM) if in_main_thread else None
+    if in_main_thread:
+        signal.signal(signal.SIGTERM, raise_terminated)
     try:
         fit(cfg, launched_at=launched_at)
     except Terminated as e:
-        print(f"ffcv-imagenet train: {e or 'stopped by SIGTERM'}", file=sys.stderr, flush=True)
+        print(f"ffcv-imagenet train: {str(e) or 'stopped by SIGTERM'}", file=sys.stderr, flush=True)
         return 128 + signal.SIGTERM
     except (DataFileError, ckpt_io.CheckpointError, FileExistsError, distributed.DeviceError) as e:
         print(f"ffcv-imagenet train: error: {e}", file=sys.stderr, flush=True)
@@ -1004,7 +1027,7 @@ def main(argv=None, *, launched_at: float = None) -> int:
         return 1
     finally:
         if in_main_thread:
-            signal.signal(signal.SIGTERM, previous)
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
     return 0
 
 

@@ -14,5 +14,5 @@ data="${DEVKIT_DATA:-../shared/data}/imagenette-128"
 python3 -m ffcv_imagenet.cli check --check.out="$out" --check.data="$data" \
     --check.preset=imagenette_configs/in128_rn50_5_epochs.yaml "$@"
 status=$?
-rm -f "$out/preset_run/checkpoint.pt"
+rm -f "$out/preset_run/checkpoint.pt" "$out/preset_run/checkpoint.prev.pt"
 exit "$status"

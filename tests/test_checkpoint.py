@@ -113,3 +113,13 @@ def test_rng_state_of_an_eight_gpu_node_resumes_on_this_gpu():
     state["cuda"] = [torch.cuda.get_rng_state(0)] * 8  # as an 8-GPU node saves it
     ckpt_io.set_rng_state(state)
     assert torch.equal(torch.cuda.get_rng_state(0), state["cuda"][0])
+
+
+def test_a_save_killed_midway_leaves_a_temporary_file_the_next_save_removes(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a pid that no longer runs
+    (tmp_path / f"checkpoint.pt.tmp{dead.pid}").write_bytes(b"x" * 1000)
+    (tmp_path / f"checkpoint.pt.tmp{os.getpid()}x").write_bytes(b"not ours")  # not a pid: kept
+    save_epoch(path, 1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", f"checkpoint.pt.tmp{os.getpid()}x"]

@@ -189,7 +189,7 @@ def test_a_second_launch_into_a_running_folder_is_refused_naming_the_pid(betons,
     holder = RunLogger(tmp_path / "busy", enabled=True)
     holder.lock()
     try:
-        with pytest.raises(FileExistsError, match=rf"busy is in use by another run \(pid {os.getpid()}"):
+        with pytest.raises(FileExistsError, match=rf"busy is in use by another run \(pid@host {os.getpid()}@"):
             train.fit(load_config(run_args(*betons, tmp_path / "busy")))
     finally:
         holder.unlock()

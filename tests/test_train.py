@@ -495,6 +495,9 @@ def test_resume_drops_epochs_the_checkpoint_does_not_hold(tmp_path):
     logger.log({"type": "start"})
     assert [(r["type"], r.get("epoch")) for r in logger.records()] == [
         ("start", None), ("epoch", 0), ("start", None)]
+    with open(logger.log_path, "a") as f:
+        f.write('{"type": "epoch", "epo')  # a line cut off by a kill mid-write
+    assert [r["type"] for r in logger.records()] == ["start", "epoch", "start"]
     assert not RunLogger(tmp_path / "other", enabled=False).records()  # other ranks write nothing
     assert not (tmp_path / "other").exists()
 

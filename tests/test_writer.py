@@ -654,6 +654,18 @@ def test_bare_flags_are_for_yes_no_options_only(tmp_path):
         writer.parse_args([*required, "--cfg.write_path=o.beton", "-C", str(config)])
 
 
+def test_the_command_line_goes_through_the_same_checks_as_write_dataset(tmp_path, capsys):
+    """num_workers=0 (the default) is all cores, and the checks between options run."""
+    from ffcv_imagenet.host import cpu_cores
+
+    required = ["--cfg.split=train", f"--cfg.data_dir={tmp_path}", f"--cfg.write_path={tmp_path / 'o.beton'}"]
+    assert writer.parse_args(required).num_workers == cpu_cores()
+    assert writer.main([*required, "--cfg.write_mode=smart"]) == 2
+    assert "cfg.write_mode=smart needs cfg.smart_threshold" in capsys.readouterr().err
+    assert writer.main([*required, "--cfg.subset=0"]) == 2
+    assert "cfg.subset=0: expected -1" in capsys.readouterr().err
+
+
 def test_missing_required_option_is_named(capsys):
     assert writer.main(["--cfg.split=train"]) == 2
     err = capsys.readouterr().err

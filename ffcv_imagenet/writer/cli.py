@@ -6,19 +6,19 @@ import sys
 
 from .core import write
 from .install import Terminated
-from .options import COMMAND, WriterError, WriterOptions
+from .options import COMMAND, WriterError, WriterOptions, finish_options
 
 
 def parse_args(argv: list) -> "WriterOptions":
     """Options from `--cfg.key=value` arguments and -C files (later values win); unknown keys are
     refused with the nearest valid one; raises ValueError (config.ConfigError)."""
-    return COMMAND.parse(argv)
+    return finish_options(COMMAND.parse(argv))
 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        opts = COMMAND.parse(argv)
+        opts = parse_args(argv)
     except ValueError as e:
         return COMMAND.refuse(e)
     try:

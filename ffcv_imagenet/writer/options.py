@@ -65,7 +65,12 @@ WriterOptions.__doc__ = "Every writer option, checked (check_options); fields as
 def check_options(values: dict) -> "WriterOptions":
     """Coerce and check every option in `values` (missing ones take their defaults), once;
     ValueError lists each bad or unknown key and value."""
-    opts = COMMAND.check(values)
+    return finish_options(COMMAND.check(values))
+
+
+def finish_options(opts: "WriterOptions") -> "WriterOptions":
+    """The checks between options, and num_workers=0 made the core count: what both ways in
+    (the command line, `write_dataset`'s keywords) go through."""
     if opts.write_mode == "smart" and opts.smart_threshold is None:
         raise ValueError("cfg.write_mode=smart needs cfg.smart_threshold (raw RGB bytes above which "
                          "an image is stored as JPEG, e.g. 270000 = 300x300x3)")
