@@ -353,6 +353,24 @@ def _no_batch_error(kind, path, n, batch_size, world_size, drop_last):
         f"{' with drop_last' if drop_last else ''}; lower the batch size or use more data")
 
 
+def check_min_side(loader: Loader, path: str) -> None:
+    """DataFileError naming the file and a sample when an image is below metadata.MIN_SIDE on a
+    side (written by an older writer): the decoders' crops would abort the process inside OpenCV,
+    with no file named, at the first batch that holds it."""
+    from ffcv_imagenet.metadata import MIN_SIDE, DataFileError
+
+    reader = loader.reader
+    columns = dict(zip(reader.field_names, reader.metadata.dtype.names))
+    images = reader.metadata[columns["image"]]
+    small = np.flatnonzero(np.minimum(images["height"], images["width"]) < MIN_SIDE)
+    if len(small):
+        i = int(small[0])
+        raise DataFileError(f"{path}: {len(small)} images have a side below {MIN_SIDE} px, e.g. sample "
+                            f"{i} ({int(images['width'][i])}x{int(images['height'][i])}), which the "
+                            "loaders' crops cannot handle; write the file again (the writer now "
+                            "refuses such images)")
+
+
 def create_train_loader(path, *, batch_size: int, resolution_px: int, num_workers: int,
                         device, rank: int = 0, world_size: int = 1, in_memory: bool = True,
                         order: str = "random", seed: int = 0, scale=(0.08, 1.0),
@@ -376,6 +394,7 @@ def create_train_loader(path, *, batch_size: int, resolution_px: int, num_worker
         pipelines={"image": _image_pipeline(decoder, device, flip=True), "label": _label_pipeline(device)},
     ), device)
     torch.set_num_threads(torch_threads)
+    check_min_side(loader, path)
     return TrainLoader(loader, decoder, n, torch_threads)
 
 
@@ -396,6 +415,7 @@ def create_val_loader(path, *, batch_size: int, resolution_px: int, num_workers:
         pipelines={"image": _image_pipeline(decoder, device, flip=False), "label": _label_pipeline(device)},
     ), device)
     torch.set_num_threads(torch_threads)
+    check_min_side(loader, path)
     return ValLoader(loader, len(shard), torch_threads)
 
 

@@ -192,9 +192,9 @@ def inspect_beton(path, verify=False, num_workers=None) -> dict:
 
 
 def _image_problems(beton: BetonFile, images) -> list:
-    """Without decoding: samples too small for the loaders' crops (see writer.encode.MIN_SIDE),
+    """Without decoding: samples too small for the loaders' crops (see metadata.MIN_SIDE),
     and data the index places past the end of the file (a tail cut off)."""
-    from ffcv_imagenet.writer.encode import MIN_SIDE
+    from ffcv_imagenet.metadata import MIN_SIDE
 
     problems = []
     small = np.flatnonzero(np.minimum(images["height"], images["width"]) < MIN_SIDE)

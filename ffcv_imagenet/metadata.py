@@ -15,6 +15,11 @@ SUFFIX = ".meta.json"
 # the fingerprint hashes the file's first and last bytes: ffcv's header and field table at the
 # start, the end of the data and the allocation table at the end; a constant 1.1 MiB read
 HEAD_BYTES, TAIL_BYTES = 64 << 10, 1 << 20
+# the shortest side a stored image may have: a 1-px side makes the loaders' crops (the 224/256
+# centre crop, the random-resized crop) round to nothing and OpenCV's resize then aborts the
+# whole process (measured with both decoders, raw and JPEG samples: 1x1 and 64x1 abort; 2x2,
+# 64x2, 8x5 load); the writer refuses such images and the loaders refuse files that hold some
+MIN_SIDE = 2
 
 
 class DataFileError(ValueError):

@@ -483,3 +483,25 @@ def test_an_agent_killed_alone_ends_its_worker_and_the_other_node_names_the_lost
     text = (tmp_path / f"node{host}.txt").read_text()
     assert "a peer process is gone" in text and "ffcv_imagenet.train FAILED" in text, text[-3000:]
     assert not records(folder, "summary")
+
+
+def test_a_file_with_images_too_small_is_refused_before_a_batch_instead_of_aborting(tmp_path, capsys,
+                                                                                    monkeypatch):
+    """A .beton an older writer made with a 1x1 image: training used to abort inside OpenCV at the
+    first batch holding it, naming nothing; the loaders now refuse the file first, naming it."""
+    import writer_data as data
+    from ffcv_imagenet.writer import encode, write_dataset
+
+    root = tmp_path / "images"
+    for k in range(10):
+        folder = root / f"n0{k % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        size = (1, 1) if k == 3 else (32, 32)
+        (folder / f"i{k}.JPEG").write_bytes(data.jpeg_bytes(data.gradient(*size, k)))
+    monkeypatch.setattr(encode, "MIN_SIDE", 1)  # as the writer did before it refused them
+    beton = tmp_path / "old.beton"
+    write_dataset(root, beton, split="train", max_resolution=32, num_workers=1, progress=False)
+    monkeypatch.undo()
+    assert train.main(run_args(beton, beton, tmp_path / "run", "--training.epochs=1")) == 2
+    err = capsys.readouterr().err
+    assert f"ffcv-imagenet train: error: {beton}: 1 images have a side below 2 px, e.g. sample" in err
