@@ -121,14 +121,14 @@ class Command:
         pos = ""
         if self.positional is not None:
             pos = f" {self.positional.metavar}" + (f" [{self.positional.metavar} ...]" if self.positional.many else "")
-        return f"usage: ffcv-imagenet {self.name}{pos} [-C FILE] [--{self.section}.KEY=VALUE ...]"
+        return f"usage: ffcv-imagenet {self.name}{pos} [-C CONFIG] [--{self.section}.KEY=VALUE ...]"
 
     def help_text(self) -> str:
         lines = [self.usage(), "", self.description, ""]
         if self.positional is not None:
             lines += [f"  {self.positional.metavar:<30} {self.positional.desc}", ""]
         lines += [f"options (--{self.section}.KEY=VALUE, a bool key alone means 1; or in a JSON/YAML "
-                  f"file under '{self.section}:' given with -C FILE):", ""]
+                  f"file under '{self.section}:' given with -C CONFIG):", ""]
         width = max(len(k) for k in self.options) + len(self.section) + 4
         for key, option in self.options.items():
             text = textwrap.wrap(f"{option.desc} ({option.constraint()}; {option.default_text()})",

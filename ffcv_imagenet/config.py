@@ -235,7 +235,7 @@ def declare() -> Config:
         compile=Param(StrictBool(), "torch.compile the model", default=False),
         sync_bn=Param(StrictBool(), "SyncBatchNorm across processes", default=False),
         resume=Param(ResumeMode(), "1: continue the run in logging.folder from its last checkpoint (or the one before it when the last cannot be read), warning about changed settings; auto: the same, but only when the folder holds the same run (refused when its settings differ), from scratch when it holds none, so that a restart (torchrun --max-restarts) continues by itself; 0: a new run, refused when the folder holds one", default="auto"),
-        stop_after_s=Param(StrictFloat(min=0), "end this launch after the last epoch expected to finish within this many seconds of launch (checkpointed; continue with training.resume=1); 0 = run to the end", default=0.0),
+        stop_after_s=Param(StrictFloat(min=0), "end this launch after the last epoch expected to finish within this many seconds of launch (checkpointed; the same command continues the run); 0 = run to the end", default=0.0),
         eval_only=Param(StrictBool(), "only evaluate training.checkpoint on data.val_dataset", default=False),
         checkpoint=Param(StrictStr(), "checkpoint path for eval_only", default=""),
         seed=Param(StrictInt(min=0), "seed of data order, augmentation and init", default=0),

@@ -1,6 +1,6 @@
 """The run folder and its time-to-accuracy log.
 
-Layout: `logging.folder` *is* the run folder (no generated run id, so that `--training.resume=1`
+Layout: `logging.folder` *is* the run folder (no generated run id, so that `training.resume=auto`
 with the same command line finds it again):
 
     <folder>/params.json     resolved config + derived values (global batch, accum steps, peak lr)

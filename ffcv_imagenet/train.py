@@ -21,6 +21,7 @@ epoch expected to finish in time, checkpointed, so that nothing is replayed on r
 """
 
 import contextlib
+import gc
 import json
 import os
 import random
@@ -768,11 +769,25 @@ def fit(cfg: dict, *, launched_at: float = None) -> dict:
                       torch.backends.cudnn.benchmark)
     train_cfg = cfg["training"]
     dist_info = distributed.setup(train_cfg["device"], cpu_threads=train_cfg["cpu_threads"])
-    run = None
     try:
         if train_cfg["eval_only"]:
             return evaluate_checkpoint(cfg, dist_info)
-        run = setup_run(cfg, dist_info, launched_at)
+        # the run's objects (the DDP model among them) are gone when _train returns, before the
+        # process group is destroyed: a DDP reducer freed after it can deadlock on the GIL in
+        # gloo's destructor (seen once with torch 2.4 after a torchrun restart)
+        return _train(cfg, dist_info, launched_at)
+    finally:
+        gc.collect()
+        distributed.cleanup()
+        torch.set_num_threads(saved_settings[0])
+        torch.use_deterministic_algorithms(saved_settings[1])
+        torch.backends.cudnn.benchmark = saved_settings[2]
+
+
+def _train(cfg: dict, dist_info: distributed.DistInfo, launched_at: float) -> dict:
+    """Stages 1-7 of `fit`; the run folder's lock is released however they end."""
+    run = setup_run(cfg, dist_info, launched_at)
+    try:
         data = setup_data(run)
         trainer = setup_trainer(run, setup_model(run, len(data.wnids)), len(data.wnids))
         progress, resumed_from = resume(run, trainer)
@@ -784,12 +799,7 @@ def fit(cfg: dict, *, launched_at: float = None) -> dict:
         run.logger.write_json("env.json", environment(dist_info.world_size))
         return train_loop(run, data, trainer, progress, LaunchClock(run, progress, derived, resumed_from))
     finally:
-        if run is not None:
-            run.logger.unlock()
-        distributed.cleanup()
-        torch.set_num_threads(saved_settings[0])
-        torch.use_deterministic_algorithms(saved_settings[1])
-        torch.backends.cudnn.benchmark = saved_settings[2]
+        run.logger.unlock()
 
 
 def train_loop(run: Run, data: Data, trainer: Trainer, progress: Progress, clock: LaunchClock) -> dict:
@@ -957,7 +967,7 @@ def stop_before_next(run: Run, data: Data, trainer: Trainer, progress: Progress,
     run.logger.log(record)
     run.say(f"stopped after epoch {epoch + 1}/{epochs}: the next would take about "
             f"{next_s / 60:.1f} min and end past training.stop_after_s={stop_after_s:g} s from "
-            "launch; continue with --training.resume=1")
+            "launch; run the same command to continue")
     return record
 
 
@@ -1033,5 +1043,12 @@ def main(argv=None, *, launched_at: float = None) -> int:
 
 if __name__ == "__main__":
     # under torchrun (`-m ffcv_imagenet.train`), `record` puts the failing rank's exception in
-    # torchrun's failure summary; only here, so that in-process callers keep their stderr as is
-    sys.exit(record(main)())
+    # torchrun's failure summary; only here, so that in-process callers keep their stderr as is.
+    # Everything is written and flushed when main returns: a worker leaves without the
+    # interpreter's teardown, where freeing torch's distributed objects can hang (torch 2.4).
+    status = record(main)()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        os._exit(status or 0)
+    sys.exit(status)
