@@ -28,6 +28,8 @@ import shutil
 import numpy as np
 import torch
 
+from .host import process_alive
+
 
 def rng_state() -> dict:
     return {
@@ -103,20 +105,10 @@ def remove_stale_temporaries(path: str) -> list:
     for name in os.listdir(folder):
         for prefix in (os.path.basename(path) + ".tmp", os.path.basename(previous_path(path)) + ".tmp"):
             pid = name[len(prefix):]
-            if name.startswith(prefix) and pid.isdigit() and not _alive(int(pid)):
+            if name.startswith(prefix) and pid.isdigit() and not process_alive(int(pid)):
                 os.remove(os.path.join(folder, name))
                 removed.append(name)
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _keep_previous(path: str) -> None:

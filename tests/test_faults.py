@@ -92,6 +92,14 @@ def test_auto_starts_from_scratch_in_a_folder_without_a_checkpoint_of_another_ru
     assert [r["epoch"] for r in records(folder, "epoch")] == [0]
 
 
+def wait_for_first_checkpoint(folder: Path, procs, timeout_s: float = 180, explain=lambda: "") -> None:
+    """Until epoch 0's checkpoint is in `folder`; fails when a process ends first or time runs out."""
+    deadline = time.time() + timeout_s
+    while not (folder / "checkpoint.pt").exists():
+        assert all(p.poll() is None for p in procs) and time.time() < deadline, explain()
+        time.sleep(0.05)
+
+
 def worker_pids(agent: psutil.Process) -> list:
     return [p.pid for p in agent.children(recursive=True)
             if "ffcv_imagenet.train" in " ".join(p.cmdline())]
@@ -111,11 +119,8 @@ def test_a_worker_killed_from_outside_is_restarted_and_the_run_resumes(betons, t
                                  "-m", "ffcv_imagenet.train", *argv], env=engine_env(), stdout=out,
                                 stderr=err, start_new_session=True)
     try:
-        agent, deadline = psutil.Process(proc.pid), time.time() + 180
-        while not (folder / "checkpoint.pt").exists():
-            assert proc.poll() is None and time.time() < deadline, (tmp_path / "err.txt").read_text()[-3000:]
-            time.sleep(0.05)
-        victim = worker_pids(agent)[-1]
+        wait_for_first_checkpoint(folder, [proc], explain=lambda: (tmp_path / "err.txt").read_text()[-3000:])
+        victim = worker_pids(psutil.Process(proc.pid))[-1]
         os.kill(victim, signal.SIGKILL)
         proc.wait(timeout=240)
     finally:
@@ -307,10 +312,7 @@ def test_a_lost_node_ends_the_other_with_a_message_and_no_hang(betons, tmp_path)
                     "--training.deterministic=0")
     procs = [launch_node(argv, tmp_path / f"node{i}.txt", port=port) for i in range(2)]
     try:
-        deadline = time.time() + 180
-        while not (folder / "checkpoint.pt").exists():
-            assert all(p.poll() is None for p in procs) and time.time() < deadline
-            time.sleep(0.05)
+        wait_for_first_checkpoint(folder, procs)
         node = psutil.Process(procs[1].pid)  # node 1, all of it: its agent and its worker (which
         for proc in [*node.children(recursive=True), node]:  # torchrun starts in a session of its own)
             proc.kill()
@@ -399,10 +401,7 @@ def test_sigterm_ends_the_run_with_a_stopped_line_and_the_checkpoint_kept(betons
     argv = run_args(*betons, folder, "--training.epochs=8", "--training.deterministic=0")
     proc = subprocess.Popen([sys.executable, "-m", "ffcv_imagenet.train", *argv], env=engine_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not (folder / "checkpoint.pt").exists():
-        assert proc.poll() is None and time.time() < deadline
-        time.sleep(0.05)
+    wait_for_first_checkpoint(folder, [proc], timeout_s=120)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 143, err[-3000:]
@@ -461,10 +460,7 @@ def test_an_agent_killed_alone_ends_its_worker_and_the_other_node_names_the_lost
                     "--training.deterministic=0")
     procs = [launch_node(argv, tmp_path / f"node{i}.txt", port=port) for i in range(2)]
     try:
-        deadline = time.time() + 180
-        while not (folder / "checkpoint.pt").exists():
-            assert all(p.poll() is None for p in procs) and time.time() < deadline
-            time.sleep(0.05)
+        wait_for_first_checkpoint(folder, procs)
         # the agent only, of the node that does not host the rendezvous store (whose loss ends
         # the other agent at once, a case test_a_lost_node_... covers)
         host = next(i for i, p in enumerate(procs) if any(

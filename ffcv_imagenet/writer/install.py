@@ -7,6 +7,7 @@ import os
 import time
 from pathlib import Path
 
+from ..host import process_alive
 from .beton import BetonStats
 from .options import WriterError, WriterOptions
 from .sources import ImageIndex
@@ -26,15 +27,8 @@ def remove_stale_partials(write_path: Path) -> list:
         if prefix is None:
             continue
         pid_text = entry.name[len(prefix):]
-        if not pid_text.isdigit():
-            continue
-        try:
-            os.kill(int(pid_text), 0)
-            continue  # that writer still runs
-        except ProcessLookupError:
-            pass
-        except PermissionError:
-            continue
+        if not pid_text.isdigit() or process_alive(int(pid_text)):
+            continue  # not a partial, or that writer still runs
         entry.unlink(missing_ok=True)
         removed.append(str(entry))
     return removed
