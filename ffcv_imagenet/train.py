@@ -638,15 +638,20 @@ def resume(run: Run, trainer: Trainer) -> tuple:
     if mode is False:
         return progress, resumed_from
     checkpoint, path = ckpt_io.load_latest(run.checkpoint_path, warn=run.warn)
-    if mode == "auto":
-        check_same_run(run, checkpoint)
+    changes = changed_settings(run, checkpoint)
+    if mode == "auto" and changes:
+        raise FileExistsError(
+            f"{run.folder} holds another run (settings differ: {'; '.join(changes)}); "
+            "training.resume=auto goes on only with the same run: continue that one with these "
+            "settings with --training.resume=1, or choose another --logging.folder")
     if checkpoint is not None:
         restore(trainer, checkpoint, path, run.cfg["model"]["arch"])
         progress = Progress(**{f.name: checkpoint[f.name] for f in fields(Progress)})
         resumed_from = progress.epoch
         run.say(f"resuming {path} after epoch {progress.epoch} (step {progress.step})")
-        if mode is True:
-            _warn_resume_changes(run, checkpoint)
+        if changes:  # resume=1: goes on with them
+            run.warn(f"warning: resuming {path} with settings that differ from the run's so far "
+                     f"(the rest of the run uses the new ones): {'; '.join(changes)}")
     else:
         run.say(f"no checkpoint in {run.folder}; starting from scratch")
     run.logger.keep_epochs_before(progress.epoch)
@@ -673,36 +678,21 @@ def restore(trainer: Trainer, checkpoint: dict, path: str, arch: str) -> None:
     ckpt_io.set_rng_state(checkpoint["rng"])
 
 
-def check_same_run(run: Run, checkpoint: "dict | None") -> None:
-    """training.resume=auto: FileExistsError when the folder holds a run whose settings (from the
-    checkpoint, else from params.json) differ from this launch's beyond RESUME_MAY_CHANGE."""
+def changed_settings(run: Run, checkpoint: "dict | None") -> list:
+    """resume_changes between this launch and the run in the folder: its settings from the
+    checkpoint, else (killed before its first one) from params.json; [] when it holds neither."""
     if checkpoint is not None:
-        saved, derived = checkpoint.get("config") or {}, checkpoint.get("derived") or {}
+        saved = checkpoint.get("config") or {}
+        derived = checkpoint.get("derived") or {}
     else:
         params = os.path.join(run.folder, "params.json")
         if not os.path.exists(params):
-            return
+            return []
         with open(params) as f:
             saved = json.load(f)
         derived = saved.get("derived") or {}
-    changes = resume_changes(saved, run.cfg, precision=run.precision,
-                             saved_precision=derived.get("precision"))
-    if changes:
-        raise FileExistsError(
-            f"{run.folder} holds another run (settings differ: {'; '.join(changes)}); "
-            "training.resume=auto goes on only with the same run: continue that one with these "
-            "settings with --training.resume=1, or choose another --logging.folder")
-
-
-def _warn_resume_changes(run: Run, checkpoint: dict) -> None:
-    if not run.dist.is_main:
-        return
-    changes = resume_changes(checkpoint.get("config") or {}, run.cfg, precision=run.precision,
-                             saved_precision=(checkpoint.get("derived") or {}).get("precision"))
-    if changes:
-        print(f"warning: resuming {run.checkpoint_path} with settings that differ from the "
-              f"run's so far (the rest of the run uses the new ones): {'; '.join(changes)}",
-              file=sys.stderr, flush=True)
+    return resume_changes(saved, run.cfg, precision=run.precision,
+                          saved_precision=derived.get("precision"))
 
 
 def derived_params(run: Run, data: Data) -> dict:
