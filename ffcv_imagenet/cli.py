@@ -10,6 +10,7 @@ SUBCOMMANDS = {
     "train": ("ffcv_imagenet.train", "train a model from a preset (--config-file) with overrides"),
     "report": ("ffcv_imagenet.report", "time-to-accuracy tables and plots from run folders"),
     "bench": ("ffcv_imagenet.bench", "loader/writer/training throughput vs stock ffcv, torchvision, DALI"),
+    "scale": ("ffcv_imagenet.scale", "writer and loader cost per sample at ILSVRC2012 scale (1.28 M samples)"),
     "demo": ("ffcv_imagenet.demo", "generate a small real-JPEG dataset, write, train, report"),
     "check": ("ffcv_imagenet.check", "is this machine ready (versions, decoders, every precision, "
               "speed), and what a preset will cost here"),

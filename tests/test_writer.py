@@ -287,7 +287,9 @@ def test_truncated_file_is_an_error_naming_it_and_the_writer_exits(tmp_path):
     assert result.returncode == 1
     assert f"error: {folder / 'img_0003.JPEG'}: cannot decode image" in result.stderr
     assert "--cfg.skip_bad=1" in result.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["train"]
+    assert "--cfg.resume=1 continues it" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["train"]
+    assert partials(beton)
 
 
 def test_skip_bad_skips_and_lists_the_file(tmp_path, items):
@@ -325,7 +327,14 @@ def blocking_folder(root: Path, count=40) -> Path:
 
 
 def partials(beton: Path) -> list:
-    return list(beton.parent.glob(f".{beton.name}.partial-*"))
+    """The unfinished write's data file, when there is one (its journal and state lie beside it)."""
+    return list(beton.parent.glob(f".{beton.name}.partial"))
+
+
+def only_the_kept_partial(beton: Path) -> bool:
+    """Nothing in the output folder but the hidden files of the unfinished write (resume.py)."""
+    names = [p.name for p in beton.parent.iterdir()]
+    return all(n.startswith(f".{beton.name}.partial") for n in names)
 
 
 def children_now() -> set:
@@ -381,7 +390,7 @@ def in_background(action, root: Path) -> threading.Thread:
     return thread
 
 
-def test_sigkill_leaves_nothing_and_next_write_removes_the_partial(tmp_path, items):
+def test_sigkill_leaves_the_partial_and_next_write_without_resume_removes_it(tmp_path, items):
     import psutil
 
     root = blocking_folder(tmp_path / "slow")
@@ -400,19 +409,19 @@ def test_sigkill_leaves_nothing_and_next_write_removes_the_partial(tmp_path, ite
         process.kill()
         process.communicate()
     assert not beton.exists()
-    left = partials(beton)
-    assert len(left) == 1  # hidden, and removed by the next write to the folder:
+    assert only_the_kept_partial(beton) and partials(beton)  # hidden; another source starts over:
 
     summary = write(data.write_image_folder(tmp_path / "train", items), beton)
     assert summary["samples"] == 9 and beton.exists()
-    assert not left[0].exists()
-    assert f"removed stale partial file {left[0]}" in summary["notes"]
+    assert list(beton.parent.iterdir()) == [beton.with_name(beton.name + ".meta.json"), beton] or \
+        sorted(beton.parent.iterdir()) == sorted([beton, beton.with_name(beton.name + ".meta.json")])
+    assert any(n.startswith("removed an unfinished write of this file") for n in summary["notes"])
 
 
 @pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_interrupt_removes_the_partial(tmp_path, stop_signal):
+def test_interrupt_keeps_only_the_hidden_partial(tmp_path, stop_signal):
     """Ctrl-C / SIGTERM to a writing `ffcv-imagenet write` process: exit 130, a message, nothing
-    left in the output folder, no worker left behind."""
+    at the destination but the unfinished write kept for cfg.resume, no worker left behind."""
     import psutil
 
     root = blocking_folder(tmp_path / "slow")
@@ -435,12 +444,14 @@ def test_interrupt_removes_the_partial(tmp_path, stop_signal):
         process.communicate()
     assert process.returncode == 130, stderr
     assert "interrupted; nothing was written" in stderr
+    assert "--cfg.resume=1 continues it" in stderr
     assert alive == [], "workers outlived the interrupted write"
-    assert list(beton.parent.iterdir()) == []
+    assert only_the_kept_partial(beton) and partials(beton)
 
 
 def test_a_worker_killed_by_the_system_is_reported(tmp_path):
-    """E.g. the kernel's out-of-memory killer: the write stops with a message, nothing is left."""
+    """E.g. the kernel's out-of-memory killer: the write stops with a message; only the hidden
+    unfinished write is left."""
     root = blocking_folder(tmp_path / "slow")
     beton = tmp_path / "out" / "train.beton"
     before = children_now()
@@ -452,7 +463,7 @@ def test_a_worker_killed_by_the_system_is_reported(tmp_path):
     with pytest.raises(RuntimeError, match="writer worker died .* out of memory"):
         write(root, beton, num_workers=2, chunk_size=4, max_resolution=32)
     killer.join()
-    assert list(beton.parent.iterdir()) == []
+    assert only_the_kept_partial(beton)
 
 
 def test_existing_destination_is_kept_without_overwrite(tmp_path, items):

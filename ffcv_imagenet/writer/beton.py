@@ -29,7 +29,9 @@ def beton_fields(opts: WriterOptions) -> dict:
             "label": IntField()}
 
 
-def write_header(path, num_samples, fields, page_size):
+def write_header(path, num_samples, fields, page_size, keep_rest: bool = False):
+    """Write ffcv's header and field descriptors at the start of `path` (a new file, or, with
+    keep_rest, over the same bytes of a resumed one); returns (header, metadata table offset)."""
     from ffcv.types import CURRENT_VERSION, TYPE_ID_HANDLER, FieldDescType, HeaderType
 
     header = np.zeros(1, dtype=HeaderType)[0]
@@ -44,7 +46,7 @@ def write_header(path, num_samples, fields, page_size):
         row["type_id"] = type_ids[type(f)]
         row["name"][: len(encoded)] = encoded
         row["arguments"][:] = f.to_binary()[0]
-    with open(path, "wb") as fp:
+    with open(path, "r+b" if keep_rest else "wb") as fp:
         fp.write(header.tobytes())
         fp.write(descriptors.tobytes())
     return header, HeaderType.itemsize + descriptors.nbytes
@@ -73,12 +75,9 @@ def encode_sample(allocator, metadata, i, image, jpeg: bool, opts: WriterOptions
                 raise
 
 
-def finish_file(path, header, metadata_start, metadata, allocations, bad: set):
-    """Write the per-sample metadata, allocation table and header; drop `bad` samples."""
-    from ffcv.types import ALLOC_TABLE_TYPE
-
-    table = np.array(allocations, dtype=ALLOC_TABLE_TYPE) if allocations else \
-        np.zeros(0, dtype=ALLOC_TABLE_TYPE)
+def finish_file(path, header, metadata_start, metadata, table, bad: set):
+    """Write the per-sample metadata, allocation table (ffcv's ALLOC_TABLE_TYPE) and header;
+    drop `bad` samples."""
     if bad:
         keep = np.ones(len(metadata), dtype=bool)
         keep[sorted(bad)] = False

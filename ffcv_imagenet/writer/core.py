@@ -3,12 +3,14 @@
 import signal
 import sys
 import time
+from pathlib import Path
 
 from ..metadata import fingerprint
 from .encode import check_free_space, estimate_output_bytes, page_size_for, single_threaded_opencv
-from .install import (install, metadata_record, partial_path, prepare_destination, raise_terminated,
+from .install import (install, metadata_record, prepare_destination, raise_terminated,
                       remove_stale_partials, threading_is_main)
 from .options import WriterError, WriterOptions, check_options
+from .resume import Partial, crash_point
 from .sources import index_input, take_subset
 from .workers import write_beton
 
@@ -36,9 +38,26 @@ def write(opts: WriterOptions, *, progress=True) -> dict:
 
 def _write(opts: WriterOptions, progress: bool) -> dict:
     started_s = time.time()
+    partial = Partial(Path(opts.write_path).absolute())
+    partial.remove_if_installed()
     destination = prepare_destination(opts)
+    partial.lock()
+    try:
+        return _write_locked(opts, destination, partial, started_s, progress)
+    except BaseException:
+        if progress and partial.exists():
+            print(f"ffcv-imagenet write: kept the unfinished write ({partial.path}): the same command "
+                  "with --cfg.resume=1 continues it; without, it starts over", file=sys.stderr)
+        raise
+    finally:
+        partial.unlock()
+
+
+def _write_locked(opts: WriterOptions, destination, partial: Partial, started_s: float, progress: bool) -> dict:
     stale = remove_stale_partials(destination)
+    index_started_s = time.time()
     index = index_input(opts.data_dir, opts.split, opts.val_labels, opts.classes, progress)
+    index_seconds = time.time() - index_started_s
     images_found = len(index)
     index, short_classes = take_subset(index, opts.subset)
     if not len(index):
@@ -47,27 +66,29 @@ def _write(opts: WriterOptions, progress: bool) -> dict:
     estimated_bytes = estimate_output_bytes(index, opts, page_size)
     check_free_space(destination.parent, estimated_bytes)
 
-    temp = partial_path(destination)
     previous_sigterm = None
     if threading_is_main():
         previous_sigterm = signal.signal(signal.SIGTERM, raise_terminated)
     try:
         write_started_s = time.time()
-        stats = write_beton(temp, index, opts, page_size, progress)
+        stats, notes = write_beton(partial, index, opts, page_size, progress)
+        crash_point("finished")
         write_seconds = time.time() - write_started_s
-        num_bytes = temp.stat().st_size
+        num_bytes = partial.path.stat().st_size
         meta = {**metadata_record(index, opts, stats, num_bytes, images_found),
-                "fingerprint": fingerprint(temp)}
-        meta_file = install(temp, destination, meta)
+                "fingerprint": fingerprint(partial.path)}
+        meta_file = install(partial.path, destination, meta)
+        crash_point("installed")
+        partial.remove()
     finally:
         if previous_sigterm is not None:
             signal.signal(signal.SIGTERM, previous_sigterm)
-        temp.unlink(missing_ok=True)
 
     summary = write_summary(opts, index, stats, destination=destination, meta_file=meta_file,
                             num_bytes=num_bytes, estimated_bytes=estimated_bytes,
-                            seconds=time.time() - started_s, write_seconds=write_seconds,
-                            notes=index.notes + [f"removed stale partial file {p}" for p in stale],
+                            seconds=time.time() - started_s, index_seconds=index_seconds,
+                            write_seconds=write_seconds,
+                            notes=index.notes + notes + [f"removed stale partial file {p}" for p in stale],
                             short_classes=short_classes)
     if progress:
         print(format_summary(summary), file=sys.stderr)
@@ -75,7 +96,7 @@ def _write(opts: WriterOptions, progress: bool) -> dict:
 
 
 def write_summary(opts: WriterOptions, index, stats, *, destination, meta_file, num_bytes, estimated_bytes,
-                  seconds, write_seconds, notes, short_classes) -> dict:
+                  seconds, index_seconds, write_seconds, notes, short_classes) -> dict:
     """What `write_dataset` returns and prints: where, what, how large, how fast."""
     return {
         "write_path": str(destination),
@@ -90,6 +111,7 @@ def write_summary(opts: WriterOptions, index, stats, *, destination, meta_file, 
         "raw": stats.num_raw,
         "jpeg": stats.num_jpeg,
         "seconds": round(seconds, 3),
+        "index_seconds": round(index_seconds, 3),
         "write_seconds": round(write_seconds, 3),
         "images_per_s": round(len(index) / seconds, 1),
         "write_images_per_s": round(len(index) / write_seconds, 1),

@@ -1,6 +1,8 @@
-"""Nothing half-written: samples go to `.<name>.partial-<pid>` beside the destination; when complete
-the partial is flushed, the metadata file written, then the partial renamed onto the destination.
-Partials of writers that no longer run (SIGKILLed) are removed by the next write to the folder."""
+"""Nothing half-written: samples go to `.<name>.partial` beside the destination (resume.py keeps
+it, with its journal, until the write is installed or started over); when complete the partial is
+flushed, the metadata file written, then the partial renamed onto the destination. Partials that
+earlier versions named `.<name>.partial-<pid>`, of writers that no longer run, are removed by the
+next write to the folder."""
 
 import dataclasses
 import os
@@ -11,10 +13,6 @@ from ..host import process_alive
 from .beton import BetonStats
 from .options import WriterError, WriterOptions
 from .sources import ImageIndex
-
-
-def partial_path(write_path: Path, pid=None) -> Path:
-    return write_path.with_name(f".{write_path.name}.partial-{os.getpid() if pid is None else pid}")
 
 
 def remove_stale_partials(write_path: Path) -> list:
@@ -65,7 +63,7 @@ def metadata_record(index: ImageIndex, opts: WriterOptions, stats: BetonStats, n
         "wnids": index.wnids,
         "split": opts.split,
         "source": index.source,
-        "options": {k: v for k, v in dataclasses.asdict(opts).items() if k not in ("data_dir", "write_path")},
+        "options": {k: v for k, v in dataclasses.asdict(opts).items() if k not in ("data_dir", "write_path", "resume")},
         "num_samples": stats.num_samples,
         "num_classes": len(index.wnids),
         "num_raw": stats.num_raw,

@@ -51,6 +51,9 @@ OPTIONS = {
     "classes": Option(str, "", "file of wnids, one a line, pinning the class set and order "
                       "(or a .beton/.meta.json written by this tool)", path=True),
     "overwrite": Option(bool, False, "replace an existing destination"),
+    "resume": Option(bool, False, "continue the unfinished write of this destination (killed, "
+                     "stopped, or failed on a bad image) where it stopped, when every option that "
+                     "changes the output and the source are the same; 0: start over"),
     "skip_bad": Option(bool, False, "skip undecodable images and list them in the summary"),
 }
 

@@ -16,7 +16,9 @@ import numpy as np
 
 from .beton import BetonStats, beton_fields, encode_sample, finish_file, write_header
 from .encode import decode_image, plan_proportion, store_as_jpeg
+from . import resume
 from .options import WriterError, WriterOptions
+from .resume import Partial
 from .sources import ImageIndex, read_bytes
 
 
@@ -30,11 +32,33 @@ def _die_with_parent(parent_pid: int):
         os._exit(1)
 
 
+def journalled_allocator(path, data_offset: int, page_size: int, first_page: int):
+    """ffcv's page allocator, starting at page `first_page`, that tells `report` after each page it
+    wrote which samples are now in the file (defined here so that this module imports without ffcv)."""
+    from ffcv.memory_allocator import MemoryAllocator
+
+    class Allocator(MemoryAllocator):
+        def __init__(self):
+            super().__init__(str(path), data_offset, page_size)
+            self.next_page_allocated.value = self.next_page_written.value = first_page
+            self.report, self.reported = None, 0
+
+        def flush_page(self):
+            super().flush_page()  # the page is in the file (pages go in order): its samples are done
+            new = self.allocations[self.reported:]
+            self.reported = len(self.allocations)
+            if new and self.report is not None:
+                self.report(new)
+
+    return Allocator()
+
+
 def _worker(worker_id, parent_pid, index, opts, jpeg_plan, fields, metadata_buffer, metadata_type,
-            allocator, tasks, results):
-    """Encode the chunks (start, stop) from `tasks` until None; report on `results`:
-    ("done", count) per chunk, ("bad", i, file, error) per undecodable image, then
-    ("allocations", worker_id, [...]) or ("crash", worker_id, traceback)."""
+            record, allocator, tasks, results):
+    """Encode the samples of each chunk from `tasks` until None; report on `results`:
+    ("done", count) per chunk, ("bad", i, file, error) per undecodable image, ("written", records)
+    after each page written (resume.record_type rows), then ("finished", worker_id) or ("crash",
+    worker_id, traceback)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops us
     # Forked after write_dataset installed its SIGTERM handler: restore the default so that the
     # parent's terminate() stops a worker at once, even inside a long decode.
@@ -45,20 +69,22 @@ def _worker(worker_id, parent_pid, index, opts, jpeg_plan, fields, metadata_buff
 
         cv2.setNumThreads(1)
         metadata = np.frombuffer(metadata_buffer, dtype=metadata_type)
+        allocator.report = lambda allocations: results.put(
+            ("written", journal_records(allocations, metadata, record).tobytes()))
         with allocator:
-            for start, stop in iter(tasks.get, None):
-                for i in range(start, stop):
+            for chunk in iter(tasks.get, None):
+                for i in chunk:
                     try:
                         image = decode_image(read_bytes(index, i), opts.max_resolution)
                     except Exception as e:
-                        results.put(("bad", i, index.display_name(i), f"{type(e).__name__}: {e}"))
+                        results.put(("bad", int(i), index.display_name(i), f"{type(e).__name__}: {e}"))
                         continue
                     jpeg = store_as_jpeg(opts.write_mode, image.shape[0], image.shape[1],
                                          opts.smart_threshold, jpeg_plan[i])
                     encode_sample(allocator, metadata, i, image, jpeg, opts,
-                                   fields["label"], int(index.labels[i]))
-                results.put(("done", stop - start))
-        results.put(("allocations", worker_id, allocator.allocations))
+                                  fields["label"], int(index.labels[i]))
+                results.put(("done", len(chunk)))
+        results.put(("finished", worker_id))
     except BaseException:
         results.put(("crash", worker_id, traceback.format_exc()))
         results.close()
@@ -66,30 +92,61 @@ def _worker(worker_id, parent_pid, index, opts, jpeg_plan, fields, metadata_buff
         os._exit(1)
 
 
-def write_beton(path, index: ImageIndex, opts: WriterOptions, page_size: int, progress: bool) -> BetonStats:
-    """Encode every image of `index` into the .beton at `path` (opts.num_workers processes)."""
-    from ffcv.memory_allocator import MemoryAllocator
+def journal_records(allocations: list, metadata: np.ndarray, record: np.dtype) -> np.ndarray:
+    """Journal rows for allocations (sample, ptr, size): where each sample's bytes are, and its
+    metadata row."""
+    places = np.array(allocations, dtype=np.int64).reshape(-1, 3)
+    rows = np.zeros(len(places), dtype=record)
+    rows["sample"], rows["ptr"], rows["size"] = places[:, 0], places[:, 1], places[:, 2]
+    rows["row"] = metadata[places[:, 0]].view(rows.dtype["row"])
+    return rows
+
+
+def write_beton(partial: Partial, index: ImageIndex, opts: WriterOptions, page_size: int,
+                progress: bool) -> tuple:
+    """Encode every image of `index` into partial.path (opts.num_workers processes), continuing a
+    kept unfinished write when opts.resume; returns (BetonStats, notes)."""
     from ffcv.types import get_metadata_type
+    from ffcv.utils import align_to_page
 
     n = len(index)
     fields = beton_fields(opts)
     metadata_type = get_metadata_type(list(fields.values()))
-    header, metadata_start = write_header(path, n, fields, page_size)
+    record = resume.record_type(metadata_type)
+    journal, notes = resume.open_write(partial, resume.identity(opts, index, page_size, metadata_type),
+                                       opts.resume, record, n)
+    header, metadata_start = write_header(partial.path, n, fields, page_size,
+                                          keep_rest=partial.path.exists() and bool(len(journal.records)))
+    data_start = align_to_page(metadata_start + n * metadata_type.itemsize, page_size)
+    first_page = resume.cut_to_pages(partial.path, data_start, page_size, journal)
     # Anonymous shared memory: inherited by the forked workers, gone with the processes
     # (no /dev/shm segment to leak on SIGKILL, unlike multiprocessing.shared_memory).
     metadata_buffer = mmap.mmap(-1, max(1, n * metadata_type.itemsize))
-    allocator = MemoryAllocator(str(path), metadata_start + n * metadata_type.itemsize, page_size)
+    allocator = journalled_allocator(partial.path, metadata_start + n * metadata_type.itemsize,
+                                     page_size, first_page)
     if opts.write_mode == "proportion":
         jpeg_plan = plan_proportion(n, opts.compress_probability)
     else:
         jpeg_plan = np.zeros(n, dtype=bool)
-    worker_args = (index, opts, jpeg_plan, fields, metadata_buffer, metadata_type, allocator)
-    allocations, bad = _run_workers(n, opts, worker_args, progress)
+    pending = np.flatnonzero(~journal.done_mask(n))
+    worker_args = (index, opts, jpeg_plan, fields, metadata_buffer, metadata_type, record, allocator)
+    bad = _run_workers(pending, n, opts, worker_args, partial, journal, progress)
+    return _finish(partial, header, metadata_start, metadata_type, resume.load_records(partial, record, n),
+                   bad, n), notes
+
+
+def _finish(partial: Partial, header, metadata_start: int, metadata_type, records: np.ndarray,
+            bad: dict, n: int) -> BetonStats:
+    """The metadata and allocation tables from the journal, written at the end of the file."""
+    from ffcv.types import ALLOC_TABLE_TYPE
+
     if len(bad) == n:
         raise WriterError(f"none of the {n} images could be decoded; first: {bad[min(bad)]}")
-
-    metadata = np.frombuffer(metadata_buffer, dtype=metadata_type)[:n].copy()
-    metadata = finish_file(path, header, metadata_start, metadata, allocations, set(bad))
+    metadata = np.zeros(n, dtype=metadata_type)
+    metadata.view(records.dtype["row"])[records["sample"]] = records["row"]
+    table = np.zeros(len(records), dtype=ALLOC_TABLE_TYPE)
+    table["sample_id"], table["ptr"], table["size"] = records["sample"], records["ptr"], records["size"]
+    metadata = finish_file(partial.path, header, metadata_start, metadata, table, set(bad))
     image_meta = metadata[metadata_type.names[0]]
     num_jpeg = int(np.sum(image_meta["mode"] == 0))  # ffcv: 0 = jpg, 1 = raw
     return BetonStats(num_samples=len(metadata), num_raw=len(metadata) - num_jpeg,
@@ -97,49 +154,44 @@ def write_beton(path, index: ImageIndex, opts: WriterOptions, page_size: int, pr
                       widths=image_meta["width"].copy(), heights=image_meta["height"].copy())
 
 
-def _run_workers(n: int, opts: WriterOptions, worker_args: tuple, progress: bool) -> tuple:
-    """Encode samples 0..n-1 in chunks with worker processes, showing a progress bar.
+def _run_workers(pending: np.ndarray, n: int, opts: WriterOptions, worker_args: tuple, partial: Partial,
+                 journal, progress: bool) -> dict:
+    """Encode the `pending` samples in chunks with worker processes, journalling each page written,
+    showing a progress bar that starts at what an earlier attempt wrote.
 
-    Returns (allocations of all workers, {sample index: {"file", "error"}} of skipped images).
+    Returns {sample index: {"file", "error"}} of skipped images (this attempt's and the journal's).
     Raises WriterError for an undecodable image (unless opts.skip_bad), RuntimeError when a
     worker fails; the workers are stopped whatever happens.
     """
     from ..progress import progress as progress_bar
 
+    bad = dict(journal.bad)
+    if bad and not opts.skip_bad:
+        first = bad[min(bad)]
+        raise WriterError(f"{first['file']}: skipped as undecodable by the unfinished write this "
+                          "resumes (it ran with cfg.skip_bad=1); resume with --cfg.skip_bad=1 too")
+    if not len(pending):
+        return bad
     context = multiprocessing.get_context("fork")
     tasks, results = context.Queue(), context.Queue()
-    num_workers = max(1, min(opts.num_workers, math.ceil(n / opts.chunk_size)))
-    for start in range(0, n, opts.chunk_size):
-        tasks.put((start, min(n, start + opts.chunk_size)))
+    num_workers = max(1, min(opts.num_workers, math.ceil(len(pending) / opts.chunk_size)))
+    for start in range(0, len(pending), opts.chunk_size):
+        tasks.put(pending[start:start + opts.chunk_size].tolist())
     for _ in range(num_workers):
         tasks.put(None)
     workers = [context.Process(target=_worker, daemon=True,
                                args=(w, os.getpid(), *worker_args, tasks, results))
                for w in range(num_workers)]
-    allocations, bad, finished = [], {}, set()
+    record, finished = worker_args[6], set()
     try:
         for w in workers:
             w.start()
         with progress_bar(total=n, unit="img", desc="writing", enabled=progress, leave=True) as bar:
+            bar.update(n - len(pending))  # done by an earlier attempt
             while len(finished) < num_workers:
                 message = _next_message(results, workers, finished)
-                if message is None:
-                    continue
-                kind = message[0]
-                if kind == "done":
-                    bar.update(message[1])
-                elif kind == "bad":
-                    _, i, name, error = message
-                    if not opts.skip_bad:
-                        what = "image too small" if error.startswith("TooSmall") else "cannot decode image"
-                        raise WriterError(f"{name}: {what} ({error}); fix or remove "
-                                          "it, or pass --cfg.skip_bad=1 to skip such files")
-                    bad[i] = {"file": name, "error": error}
-                elif kind == "allocations":
-                    finished.add(message[1])
-                    allocations.extend(message[2])
-                elif kind == "crash":
-                    raise RuntimeError(f"writer worker {message[1]} failed:\n{message[2]}")
+                if message is not None:
+                    _handle(message, bar, bad, finished, partial, record, opts)
         for w in workers:
             w.join()
     finally:
@@ -152,7 +204,28 @@ def _run_workers(n: int, opts: WriterOptions, worker_args: tuple, progress: bool
         # After an error, chunks nobody will read may fill the pipe; without this, the exit of
         # this process would wait forever for the queue's feeder thread to deliver them.
         tasks.cancel_join_thread()
-    return allocations, bad
+    return bad
+
+
+def _handle(message: tuple, bar, bad: dict, finished: set, partial: Partial, record, opts) -> None:
+    """One worker report (see _worker)."""
+    kind = message[0]
+    if kind == "done":
+        bar.update(message[1])
+    elif kind == "written":
+        partial.append(np.frombuffer(message[1], dtype=record))
+    elif kind == "bad":
+        _, i, name, error = message
+        if not opts.skip_bad:
+            what = "image too small" if error.startswith("TooSmall") else "cannot decode image"
+            raise WriterError(f"{name}: {what} ({error}); fix or remove "
+                              "it, or pass --cfg.skip_bad=1 to skip such files")
+        bad[i] = {"file": name, "error": error}
+        partial.append_bad(i, bad[i])
+    elif kind == "finished":
+        finished.add(message[1])
+    elif kind == "crash":
+        raise RuntimeError(f"writer worker {message[1]} failed:\n{message[2]}")
 
 
 def _next_message(results, workers, finished: set):

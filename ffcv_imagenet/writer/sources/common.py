@@ -194,16 +194,52 @@ def labels_for(stems: list, labels_path, classes_file, what: str) -> tuple:
     return np.array([position[mapping[s]] for s in stems], dtype=np.int64), wnids
 
 
+class Columns:
+    """Rows (name, offset, size, group) gathered into numpy arrays a chunk at a time. A Python
+    tuple of str and ints costs ~300 bytes a row; 1.28 M of them were most of the writer's memory
+    while indexing (issue 36). Here at most CHUNK rows live as Python objects at once."""
+
+    CHUNK = 8192
+
+    def __init__(self):
+        self._chunks, self._rows = [], []
+
+    def __len__(self):
+        return sum(len(c[0]) for c in self._chunks) + len(self._rows)
+
+    def append(self, name: str, offset: int, size: int, group: int) -> None:
+        self._rows.append((os.fsencode(name), offset, size, group))
+        if len(self._rows) >= self.CHUNK:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._rows:
+            names, offsets, sizes, groups = zip(*self._rows)
+            self._chunks.append((np.array(names, dtype=bytes), np.array(offsets, dtype=np.int64),
+                                 np.array(sizes, dtype=np.int64), np.array(groups, dtype=np.int64)))
+            self._rows = []
+
+    def arrays(self) -> tuple:
+        """(names, offsets, sizes, groups) as numpy arrays."""
+        self._flush()
+        if not self._chunks:
+            return (np.array([], dtype=bytes), *(np.array([], dtype=np.int64) for _ in range(3)))
+        return tuple(np.concatenate(column) for column in zip(*self._chunks))
+
+
 def make_index(root, names, offsets, sizes, labels, wnids, source) -> ImageIndex:
-    """Sort by (label, name) so that the file order and `subset` are deterministic."""
-    encoded = [os.fsencode(n) for n in names]
-    order = sorted(range(len(encoded)), key=lambda i: (labels[i], encoded[i]))
+    """Sort by (label, name) so that the file order and `subset` are deterministic. `names`: str
+    (or a numpy bytes array, as Columns gives it)."""
+    if not isinstance(names, np.ndarray):
+        names = np.array([os.fsencode(n) for n in names], dtype=bytes)
+    labels = np.asarray(labels, dtype=np.int64)
+    order = np.lexsort((names, labels))
     return ImageIndex(
         root=str(root),
-        names=np.array([encoded[i] for i in order], dtype=bytes),
-        offsets=np.array([offsets[i] for i in order], dtype=np.int64),
-        sizes=np.array([sizes[i] for i in order], dtype=np.int64),
-        labels=np.array([labels[i] for i in order], dtype=np.int64),
+        names=names[order],
+        offsets=np.asarray(offsets, dtype=np.int64)[order],
+        sizes=np.asarray(sizes, dtype=np.int64)[order],
+        labels=labels[order],
         wnids=list(wnids),
         source=source,
     )

@@ -3,8 +3,10 @@
 import os
 from pathlib import Path
 
+import numpy as np
+
 from ..options import WriterError
-from .common import ImageIndex, Request, class_list, is_image_name, make_index
+from .common import Columns, ImageIndex, Request, class_list, is_image_name, make_index
 
 
 def index(request: Request) -> "ImageIndex | None":
@@ -22,25 +24,30 @@ def index(request: Request) -> "ImageIndex | None":
 def index_class_folders(root: Path, class_dirs: list, classes_file) -> ImageIndex:
     """Every class folder is a class, also an empty one: dropping it would shift the labels of
     all later classes relative to a split that has images of it."""
-    files_by_class = {}
-    for d in class_dirs:
-        found = []
-        for dirpath, dirnames, filenames in os.walk(root / d, followlinks=True):
-            dirnames[:] = sorted(n for n in dirnames if not n.startswith("."))
-            found += [os.path.relpath(os.path.join(dirpath, n), root)
-                      for n in filenames if is_image_name(n) and not n.startswith(".")]
-        files_by_class[d] = found
-    if not any(files_by_class.values()):
+    rows, counts = Columns(), []
+    for k, d in enumerate(class_dirs):
+        found = len(rows)
+        for relative in _images_under(root, d):
+            rows.append(relative, 0, -1, k)
+        counts.append(len(rows) - found)
+    if not any(counts):
         return make_index(root, [], [], [], [], [], {"kind": "image_folder", "path": str(root)})
-    wnids = class_list(set(files_by_class), classes_file, f"class folders of {root}")
+    wnids = class_list(set(class_dirs), classes_file, f"class folders of {root}")
     position = {w: i for i, w in enumerate(wnids)}
-    names, labels = [], []
-    for d, found in files_by_class.items():
-        names += found
-        labels += [position[d]] * len(found)
-    index = make_index(root, names, [0] * len(names), [-1] * len(names), labels, wnids,
-                        {"kind": "image_folder", "path": str(root)})
-    empty = [w for w in wnids if not files_by_class.get(w)]
+    names, offsets, sizes, folder_numbers = rows.arrays()
+    labels = np.array([position[d] for d in class_dirs], dtype=np.int64)[folder_numbers]
+    index = make_index(root, names, offsets, sizes, labels, wnids, {"kind": "image_folder", "path": str(root)})
+    with_images = {d for d, count in zip(class_dirs, counts) if count}
+    empty = [w for w in wnids if w not in with_images]
     if empty:
         index.notes.append(f"{len(empty)} classes have no images: {', '.join(empty[:10])}")
     return index
+
+
+def _images_under(root: Path, class_dir: str):
+    """Paths relative to `root` of the images under root/class_dir, at any depth."""
+    top = os.path.join(root, class_dir)
+    for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
+        dirnames[:] = sorted(n for n in dirnames if not n.startswith("."))
+        prefix = class_dir + dirpath[len(top):] + os.sep  # relpath's work, once per folder
+        yield from (prefix + n for n in filenames if is_image_name(n) and not n.startswith("."))

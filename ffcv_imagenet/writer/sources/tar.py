@@ -11,8 +11,10 @@ import os
 import tarfile
 from pathlib import Path
 
+import numpy as np
+
 from ..options import WriterError
-from .common import ImageIndex, Request, class_list, is_image_name, labels_for, make_index, stem
+from .common import Columns, ImageIndex, Request, class_list, is_image_name, labels_for, make_index, stem
 
 
 def index_archive(request: Request) -> "ImageIndex | None":
@@ -37,8 +39,8 @@ def index_folder_of_tars(request: Request) -> "ImageIndex | None":
 
 
 def scan_tar(tar_path: Path, progress: bool):
-    """Yield (class or None, member path, absolute data offset, size) for each image in the tar,
-    descending one level into member tars. Only headers are read; data is skipped with seeks.
+    """Yield (class or None, member path, absolute data offset, size, inside a member tar) for each
+    image in the tar, descending one level into member tars. Only headers are read; data is skipped with seeks.
     A hard-link member is a sample of its own, read from the data of the member it names;
     symbolic links are refused (a tar holds no data for them), never skipped in silence."""
     from ...progress import progress as progress_bar
@@ -55,29 +57,35 @@ def scan_tar(tar_path: Path, progress: bool):
                 with tarfile.open(fileobj=outer.extractfile(member), mode="r:") as inner:
                     for item, item_offset, item_size in _data_members(inner, f"{tar_path}:{member.name}"):
                         if is_image_name(item.name):
-                            yield wnid, f"{member.name}/{item.name}", offset + item_offset, item_size
+                            yield wnid, f"{member.name}/{item.name}", offset + item_offset, item_size, True
             elif is_image_name(member.name):
                 parent = os.path.dirname(member.name.rstrip("/"))
                 folder = os.path.basename(parent) or None
-                yield folder, member.name, offset, size
+                yield folder, member.name, offset, size, False
 
 
 def _data_members(tar: tarfile.TarFile, where, bar=None):
     """(member, data offset in `tar`, size) of each regular file and hard link of `tar`, a hard
-    link with its target's data; WriterError for image members that are symbolic links."""
-    names, symlinks = _RegularMembers(tar), []
-    for member in tar:
+    link with its target's data; WriterError for image members that are symbolic links.
+
+    tarfile keeps every member it has read (~1 KB a TarInfo: a 1.28 M-member archive would hold
+    gigabytes); this drops them as it goes and keeps only name -> (offset, size) of regular
+    members, for hard links to name."""
+    files, symlinks = {}, []
+    while (member := tar.next()) is not None:
+        tar.members.clear()
         if bar is not None:
             bar.update(1)
         if member.islnk():
-            target = names.get(member.linkname)
+            target = files.get(member.linkname)
             if target is None:
                 raise WriterError(f"{where}: {member.name} is a hard link to {member.linkname}, "
                                   "which is not a file earlier in the archive")
-            yield member, target.offset_data, target.size
+            yield member, *target
         elif member.issym() and is_image_name(member.name):
             symlinks.append(member.name)
         elif member.isfile():
+            files[member.name] = (member.offset_data, member.size)
             yield member, member.offset_data, member.size
     if symlinks:
         raise WriterError(f"{where}: {len(symlinks)} image members are symbolic links, which hold no "
@@ -85,45 +93,29 @@ def _data_members(tar: tarfile.TarFile, where, bar=None):
                           "(tar --dereference)")
 
 
-class _RegularMembers:
-    """The regular members of a tar by name, for the hard links to name. tarfile keeps every member
-    it has read; the index over them is built only when a link appears (an archive without
-    links costs nothing more) and extended with what was read since."""
-
-    def __init__(self, tar: tarfile.TarFile):
-        self.tar, self.by_name, self.indexed = tar, {}, 0
-
-    def get(self, name: str):
-        members = self.tar.members
-        for member in members[self.indexed:]:
-            if member.isfile():
-                self.by_name[member.name] = member
-        self.indexed = len(members)
-        return self.by_name.get(name)
-
-
 def index_tar(tar_path: Path, val_labels, classes_file, progress: bool) -> ImageIndex:
-    entries = list(scan_tar(tar_path, progress))
-    if not entries:
+    rows, class_numbers, nested = Columns(), {}, False
+    for folder, name, offset, size, in_member_tar in scan_tar(tar_path, progress):
+        rows.append(name, offset, size, class_numbers.setdefault(folder, len(class_numbers)))
+        nested = nested or in_member_tar
+    if not len(rows):
         raise WriterError(f"{tar_path}: no images (*.JPEG/*.jpg/*.png or per-class .tar) inside")
-    names = [e[1] for e in entries]
-    offsets = [e[2] for e in entries]
-    sizes = [e[3] for e in entries]
-    nested = any("/" in n and n.split("/", 1)[0].lower().endswith(".tar") for n in names)
+    names, offsets, sizes, numbers = rows.arrays()
     source = {"kind": "class_tars" if nested else "image_tar", "path": str(tar_path)}
     if val_labels and not nested:
-        stems = [stem(n) for n in names]
+        stems = [stem(os.fsdecode(n)) for n in names]
         labels, wnids = labels_for(stems, val_labels, classes_file, str(tar_path))
         source["val_labels"] = str(val_labels)
-        return make_index(tar_path, names, offsets, sizes, list(labels), wnids, source)
+        return make_index(tar_path, names, offsets, sizes, labels, wnids, source)
     if val_labels:
         raise WriterError(f"cfg.val_labels={val_labels} given, but {tar_path} is a tar of "
                           "per-class tars whose names are the labels; drop cfg.val_labels")
-    classes = [e[0] for e in entries]
-    if any(c is None for c in classes):
+    if None in class_numbers:
         raise WriterError(f"{tar_path} holds images with no class folder or class tar: a flat "
                           "(val) archive needs cfg.val_labels")
-    wnids = class_list(set(classes), classes_file, f"classes of {tar_path}")
+    wnids = class_list(set(class_numbers), classes_file, f"classes of {tar_path}")
     position = {w: i for i, w in enumerate(wnids)}
-    labels = [position[c] for c in classes]
-    return make_index(tar_path, names, offsets, sizes, labels, wnids, source)
+    label_of_number = np.zeros(len(class_numbers), dtype=np.int64)
+    for folder, number in class_numbers.items():
+        label_of_number[number] = position[folder]
+    return make_index(tar_path, names, offsets, sizes, label_of_number[numbers], wnids, source)

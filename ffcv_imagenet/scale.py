@@ -1,0 +1,363 @@
+"""`ffcv-imagenet scale`: does the writer and the loader keep their cost per sample from 12.8 k to
+ILSVRC2012's 1.28 M samples? Measured, per input layout and sample count, on sources shaped like
+ILSVRC2012 (1,000 classes) made of small real JPEGs so that a million of them are minutes of work.
+
+Layouts (LAYOUTS): `folder` (class folders of hard links to a pool of small JPEGs), `class_tars`
+(a tar of per-class tars, as ILSVRC2012_img_train.tar ships, members stored in full),
+`val_folder` and `val_tar` (a flat folder / tar of `ILSVRC2012_val_<8 digits>.JPEG` with a
+LOC_val_solution.csv). For each: seconds to index the source before the first image is written,
+writer images/s, peak RSS of the writer's parent and of its largest worker, output bytes; then,
+on the written file, loader start-up (construct to first batch), the per-epoch work that grows
+with N (the sharded order for `scale.ranks` ranks, its batches and ffcv's epoch schedule) and the
+loader's peak RSS, for the random and quasi_random orders (val: sequential). Every measurement
+runs in a fresh process, so that peak RSS is that step's own.
+"""
+
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .command import Command, Option
+from .host import cpu_cores
+
+TRAIN_LAYOUTS = ("folder", "class_tars")
+VAL_LAYOUTS = ("val_folder", "val_tar")
+LAYOUTS = TRAIN_LAYOUTS + VAL_LAYOUTS
+TRAIN_ORDERS = ("random", "quasi_random")
+POOL_QUALITY = 90
+
+COMMAND = Command("scale", "scale", (
+    "Writer and loader cost per sample at ILSVRC2012 scale: index time, writer images/s, peak RSS, "
+    "loader start-up and per-epoch work, for 1,000-class sources of N samples in every layout."), {
+    "samples": Option(int, (12800, 128000, 1281167), "train sample counts (ILSVRC2012: 1281167)",
+                      low=1, many=True),
+    "val_samples": Option(int, 50000, "flat val sample count (ILSVRC2012: 50000); 0 = no val rows",
+                          low=0),
+    "classes": Option(int, 1000, "classes of the train sources (ILSVRC2012: 1000)", low=1),
+    "layouts": Option(str, LAYOUTS, "layouts to measure", choices=LAYOUTS, many=True),
+    "images": Option(str, "", "folder of JPEGs for the pool (e.g. ../shared/data/imagenet-samples-315); "
+                     "empty: photo-like synthetic images", path=True),
+    "pool": Option(int, 64, "distinct pool images (all of scale.images when fewer)", low=1),
+    "pool_px": Option(int, 64, "longer side of the pool images in px (small: the write stays bounded)",
+                      low=8),
+    "ranks": Option(int, 8, "ranks of the sharded train order whose per-epoch cost is measured", low=1),
+    "batch_size": Option(int, 256, "loader batch per rank", low=1),
+    "workers": Option(int, 0, "writer and loader worker processes; 0 = all cores", low=0),
+    "workdir": Option(str, "", "sources and .beton files go here (default: a temporary folder, removed); "
+                      "needs about 4 KB a sample per layout", path=True),
+    "json": Option(str, "", "write the rows and the machine to this JSON file", path=True),
+})
+
+
+# --------------------------------------------------------------------------- sources
+
+def make_pool(folder: Path, images, count: int, side_px: int, seed: int = 0) -> list:
+    """`count` small JPEGs (longer side `side_px`, q90) from the files under `images`, or photo-like
+    synthetic ones; returns their paths."""
+    import cv2
+
+    from .synthetic import photo_like
+    from .writer import target_size
+
+    folder.mkdir(parents=True, exist_ok=True)
+    if images:
+        files = sorted(p for p in Path(images).rglob("*") if p.suffix.lower() in (".jpeg", ".jpg", ".png"))
+        if not files:
+            raise SystemExit(f"ffcv-imagenet scale: no .JPEG/.jpg/.png files under scale.images={images}")
+        pictures = (cv2.imread(str(p), cv2.IMREAD_COLOR) for p in files[:count])
+    else:
+        rng = np.random.default_rng(seed)
+        pictures = (photo_like(375, 500, rng)[:, :, ::-1] for _ in range(count))
+    paths = []
+    for k, bgr in enumerate(pictures):
+        small = cv2.resize(bgr, target_size(bgr.shape[1], bgr.shape[0], side_px), interpolation=cv2.INTER_AREA)
+        ok, data = cv2.imencode(".jpg", np.ascontiguousarray(small), [cv2.IMWRITE_JPEG_QUALITY, POOL_QUALITY])
+        path = folder / f"pool_{k:04d}.JPEG"
+        path.write_bytes(data.tobytes())
+        paths.append(path)
+    return paths
+
+
+def wnid(c: int) -> str:
+    return f"n{c:08d}"
+
+
+def per_class(samples: int, classes: int) -> np.ndarray:
+    """Images of each class: as even as possible (ILSVRC2012: 732 to 1,300)."""
+    return np.full(classes, samples // classes) + (np.arange(classes) < samples % classes)
+
+
+def build_folder(root: Path, pool: list, samples: int, classes: int) -> None:
+    """root/<wnid>/<wnid>_<k>.JPEG, hard links to the pool."""
+    k = 0
+    for c, count in enumerate(per_class(samples, classes)):
+        folder = root / wnid(c)
+        folder.mkdir(parents=True)
+        for j in range(count):
+            os.link(pool[k % len(pool)], folder / f"{wnid(c)}_{j}.JPEG")
+            k += 1
+
+
+def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    import io
+
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime = len(data), 0
+    tar.addfile(info, io.BytesIO(data))
+
+
+def build_class_tars(tar_path: Path, pool: list, samples: int, classes: int) -> None:
+    """A tar of per-class tars (<wnid>.tar), every member stored in full, as ILSVRC2012 ships it."""
+    import io
+
+    blobs = [p.read_bytes() for p in pool]
+    k = 0
+    with tarfile.open(tar_path, "w", format=tarfile.USTAR_FORMAT) as outer:
+        for c, count in enumerate(per_class(samples, classes)):
+            inner_bytes = io.BytesIO()
+            with tarfile.open(fileobj=inner_bytes, mode="w", format=tarfile.USTAR_FORMAT) as inner:
+                for j in range(count):
+                    _add_bytes(inner, f"{wnid(c)}_{j}.JPEG", blobs[k % len(blobs)])
+                    k += 1
+            _add_bytes(outer, f"{wnid(c)}.tar", inner_bytes.getvalue())
+
+
+def val_name(i: int) -> str:
+    return f"ILSVRC2012_val_{i + 1:08d}"
+
+
+def write_val_labels(path: Path, samples: int, classes: int) -> None:
+    """LOC_val_solution.csv: image i is of class i mod classes (every class present)."""
+    with open(path, "w") as f:
+        f.write("ImageId,PredictionString\n")
+        for i in range(samples):
+            f.write(f"{val_name(i)},{wnid(i % classes)} 0 0 10 10\n")
+
+
+def build_val_folder(root: Path, pool: list, samples: int) -> None:
+    root.mkdir(parents=True)
+    for i in range(samples):
+        os.link(pool[i % len(pool)], root / f"{val_name(i)}.JPEG")
+
+
+def build_val_tar(tar_path: Path, pool: list, samples: int) -> None:
+    blobs = [p.read_bytes() for p in pool]
+    with tarfile.open(tar_path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for i in range(samples):
+            _add_bytes(tar, f"{val_name(i)}.JPEG", blobs[i % len(blobs)])
+
+
+def build_source(layout: str, where: Path, pool: list, samples: int, classes: int) -> tuple:
+    """Build `layout` with `samples` images under `where`; returns (data_dir, split, val_labels)."""
+    where.mkdir(parents=True, exist_ok=True)
+    if layout == "folder":
+        build_folder(where / "train", pool, samples, classes)
+        return where / "train", "train", ""
+    if layout == "class_tars":
+        build_class_tars(where / "ILSVRC2012_img_train.tar", pool, samples, classes)
+        return where / "ILSVRC2012_img_train.tar", "train", ""
+    labels = where / "LOC_val_solution.csv"
+    write_val_labels(labels, samples, classes)
+    if layout == "val_folder":
+        build_val_folder(where / "val", pool, samples)
+        return where / "val", "val", labels
+    build_val_tar(where / "ILSVRC2012_img_val.tar", pool, samples)
+    return where / "ILSVRC2012_img_val.tar", "val", labels
+
+
+# --------------------------------------------------------------------------- measurements (each in a fresh process)
+
+def rss_mb() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def peak_rss_mb(who=resource.RUSAGE_SELF) -> float:
+    return resource.getrusage(who).ru_maxrss / 1024  # Linux: KiB
+
+
+def probe_write(data_dir: str, write_path: str, split: str, val_labels: str, workers: int) -> dict:
+    """Write one source; the writer's own timings, and the peak RSS of this (parent) process and
+    of its largest worker (forked: its RSS counts the pages it shares with the parent)."""
+    from .writer import write_dataset
+
+    import ffcv.fields  # noqa: F401  (as the writer does before it starts: not the writer's memory)
+
+    before_mb = rss_mb()
+    summary = write_dataset(data_dir, write_path, split=split, val_labels=val_labels,
+                            num_workers=workers, progress=False)
+    return {"index_s": summary["index_seconds"], "write_img_s": summary["write_images_per_s"],
+            "bytes": summary["bytes"], "written": summary["samples"],
+            "parent_rss_mb": round(peak_rss_mb(), 1), "parent_rss_before_mb": round(before_mb, 1),
+            "worker_rss_mb": round(peak_rss_mb(resource.RUSAGE_CHILDREN), 1)}
+
+
+def probe_loader(path: str, order: str, ranks: int, batch_size: int, workers: int) -> dict:
+    """Loader start-up (construct to first batch, compilation included), then the per-epoch work
+    that grows with N, timed alone: the order of the next epoch, its batches, ffcv's schedule."""
+    import torch
+
+    from . import data
+
+    torch.set_num_threads(1)
+    before_mb = rss_mb()
+    started = time.perf_counter()
+    if order == "sequential":
+        loader = data.create_val_loader(path, batch_size=batch_size, resolution_px=64, num_workers=workers,
+                                        device=torch.device("cpu"), rank=0, world_size=ranks)
+    else:
+        loader = data.create_train_loader(path, batch_size=batch_size, resolution_px=64,
+                                          num_workers=workers, device=torch.device("cpu"), rank=0, world_size=ranks,
+                                          order=order)
+    next(iter(loader))
+    startup_s = time.perf_counter() - started
+    ffcv_loader = loader.loader
+    overhead = []
+    for _ in range(3):
+        started = time.perf_counter()
+        indices = ffcv_loader.next_traversal_order()[:len(ffcv_loader) * batch_size]
+        batches = [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
+        ffcv_loader.memory_manager.schedule_epoch(batches)
+        ffcv_loader.next_epoch += 1
+        overhead.append(time.perf_counter() - started)
+    return {"loader_startup_s": round(startup_s, 3), "epoch_overhead_s": round(min(overhead), 4),
+            "loader_rss_mb": round(peak_rss_mb(), 1), "loader_rss_before_mb": round(before_mb, 1)}
+
+
+def in_fresh_process(function: str, *args) -> dict:
+    """Run `ffcv_imagenet.scale.<function>(*args)` in a new interpreter; its JSON result."""
+    code = (f"import json, sys; from ffcv_imagenet.scale import {function} as f; "
+            "print('RESULT ' + json.dumps(f(*json.loads(sys.argv[1]))))")
+    done = subprocess.run([sys.executable, "-c", code, json.dumps([str(a) if isinstance(a, Path) else a
+                                                                   for a in args])],
+                          capture_output=True, text=True)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode or not lines:
+        raise RuntimeError(f"scale: {function}{args} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+# --------------------------------------------------------------------------- the run
+
+def measure_layout(layout: str, samples: int, args, pool: list, workdir: Path, log) -> list:
+    """Rows for one layout and sample count: build the source, write it, read it."""
+    where = workdir / f"{layout}-{samples}"
+    started = time.perf_counter()
+    data_dir, split, labels = build_source(layout, where, pool, samples, args.classes)
+    log(f"[scale] {layout} {samples:,}: source built in {time.perf_counter() - started:.0f} s; writing")
+    beton = where / f"{split}.beton"
+    wrote = in_fresh_process("probe_write", data_dir, beton, split, str(labels), args.workers)
+    per_sample_us = {"index_us_per_sample": round(wrote["index_s"] / samples * 1e6, 2)}
+    log(f"[scale] {layout} {samples:,}: indexed in {wrote['index_s']:.2f} s, "
+        f"{wrote['write_img_s']:.0f} img/s, parent peak {wrote['parent_rss_mb']:.0f} MB")
+    shutil.rmtree(data_dir) if data_dir.is_dir() else data_dir.unlink()
+    rows = []
+    ranks = args.ranks if split == "train" else 1
+    batch_size = max(1, min(args.batch_size, samples // ranks))  # a small N still yields a batch
+    for order in TRAIN_ORDERS if split == "train" else ("sequential",):
+        read = in_fresh_process("probe_loader", beton, order, ranks, batch_size, args.workers)
+        log(f"[scale] {layout} {samples:,} {order}: start-up {read['loader_startup_s']:.2f} s, "
+            f"epoch overhead {read['epoch_overhead_s'] * 1e3:.1f} ms")
+        rows.append({"layout": layout, "samples": samples, "order": order, **wrote, **per_sample_us, **read})
+    shutil.rmtree(where)
+    return rows
+
+
+def growth(rows: list) -> dict:
+    """Per layout and order: cost per sample at the largest N over that at the smallest."""
+    out = {}
+    for key in sorted({(r["layout"], r["order"]) for r in rows}):
+        mine = sorted((r for r in rows if (r["layout"], r["order"]) == key), key=lambda r: r["samples"])
+        if len(mine) < 2:
+            continue
+        small, large = mine[0], mine[-1]
+
+        def per_sample(r, field, base=None):
+            return (r[field] - (r[base] if base else 0)) / r["samples"]
+
+        out["/".join(key)] = {
+            "from": small["samples"], "to": large["samples"],
+            "index_s": _ratio(per_sample(large, "index_s"), per_sample(small, "index_s")),
+            "parent_rss": _ratio(per_sample(large, "parent_rss_mb", "parent_rss_before_mb"),
+                                 per_sample(small, "parent_rss_mb", "parent_rss_before_mb")),
+            "epoch_overhead_s": _ratio(per_sample(large, "epoch_overhead_s"), per_sample(small, "epoch_overhead_s")),
+        }
+    return out
+
+
+def _ratio(a, b):
+    return round(a / b, 3) if b > 0 else None
+
+
+def machine() -> dict:
+    import psutil
+
+    from .logger import cpu_model
+
+    return {"cpu": cpu_model() or platform.processor() or "", "cores": cpu_cores(),
+            "ram_gb": round(psutil.virtual_memory().total / 2**30, 1), "python": platform.python_version(),
+            "platform": platform.platform()}
+
+
+def run(args, log=print) -> dict:
+    workers = args.workers or cpu_cores()
+    args.workers = workers
+    workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="ffcv_imagenet_scale_"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    result = {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "command": "ffcv-imagenet scale " + " ".join(args.argv),
+              "machine": machine(), "workers": workers, "classes": args.classes, "rows": []}
+    try:
+        pool = make_pool(workdir / "pool", args.images, args.pool, args.pool_px)
+        result["pool"] = {"images": len(pool), "side_px": args.pool_px,
+                          "source": args.images or "synthetic (synthetic.photo_like)",
+                          "mean_bytes": round(float(np.mean([p.stat().st_size for p in pool])))}
+        plan = [(layout, n) for layout in args.layouts if layout in TRAIN_LAYOUTS for n in args.samples]
+        if args.val_samples:
+            plan += [(layout, args.val_samples) for layout in args.layouts if layout in VAL_LAYOUTS]
+        for layout, n in plan:
+            result["rows"] += measure_layout(layout, n, args, pool, workdir, log)
+            if args.json:  # a long run leaves what it has measured so far
+                _save(result, args.json)
+    finally:
+        if not args.workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+    result["growth"] = growth(result["rows"])
+    return result
+
+
+def _save(result: dict, path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(path.name + ".tmp")
+    temp.write_text(json.dumps(result, indent=1) + "\n")
+    os.replace(temp, path)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = COMMAND.parse(argv)
+    except ValueError as e:
+        return COMMAND.refuse(e)
+    args.argv = argv
+    result = run(args)
+    if args.json:
+        _save(result, args.json)
+        print(f"[scale] wrote {args.json}")
+    print(json.dumps(result["growth"], indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
