@@ -245,9 +245,18 @@ def sha256(path) -> str:
     return digest.hexdigest()
 
 
-def _synced(path) -> None:
+def _finish(path, mode: int) -> None:
+    """On disk before the rename, readable as any file this process makes (safetensors writes
+    its file owner-only)."""
+    os.chmod(path, mode)
     with open(path, "rb+") as f:
         os.fsync(f.fileno())
+
+
+def _file_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def check_out(out: Path, overwrite: bool) -> None:
@@ -281,7 +290,7 @@ def write_export(out: Path, state: dict, manifest: dict, overwrite: bool) -> Non
                              for name in (SAFETENSORS, STATE_DICT)}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
         for name in (SAFETENSORS, STATE_DICT, MANIFEST):
-            _synced(tmp / name)
+            _finish(tmp / name, _file_mode())
         if out.exists():
             os.replace(out, old)  # an empty folder, or an export that check_out let go
         os.replace(tmp, out)
@@ -301,7 +310,10 @@ def export(source, out, *, weights: str = "auto", overwrite: bool = False) -> di
     except CheckpointError as e:
         raise ExportError(str(e)) from None
     chosen, state = pick_weights(checkpoint, path, weights)
-    manifest = build_manifest(checkpoint, path, chosen)
+    try:
+        manifest = build_manifest(checkpoint, path, chosen)
+    except KeyError as e:  # a config saved by a version that lacked a key
+        raise ExportError(f"{path}: the checkpoint's config has no {e}") from None
     model = create_model(manifest["arch"], num_classes=manifest["num_classes"], **manifest["model_options"])
     mapping = key_map(model, manifest["key_names"])
     if set(state) != set(mapping):  # an arch or option the config does not describe
