@@ -33,6 +33,7 @@ WEIGHTS = ("auto", "model", "ema")  # auto: the weight average when the run kept
 MANIFEST, SAFETENSORS, STATE_DICT = "model.json", "model.safetensors", "model.pt"
 FORMAT = 1  # model.json's "format"; raised when a field changes meaning
 # ResNets whose ResNet-D form timm names `<arch>d`; timm's `<arch>` is torchvision's, key for key
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # what DDP and torch.compile put before every key
 TIMM_RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 TIMM_ACTIVATIONS = {"relu": None, "silu": "silu", "mish": "mish"}  # ours -> timm's act_layer
 # options timm's ResNet cannot express, and why (the weights would load but compute otherwise)
@@ -65,9 +66,8 @@ def clean_state(state: dict) -> dict:
     channels-last strides, and a channels-last .pt would carry them into the loading model)."""
     cleaned = {}
     for key, tensor in state.items():
-        for prefix in ("module.", "_orig_mod."):
-            while key.startswith(prefix):
-                key = key[len(prefix):]
+        while key.startswith(WRAPPER_PREFIXES):  # DDP(compile(m)) and compile(DDP(m)) nest both
+            key = key.split(".", 1)[1]
         cleaned[key] = tensor.detach().to("cpu", memory_format=torch.contiguous_format).clone()
     return cleaned
 
@@ -169,13 +169,14 @@ def targets(arch: str, options: dict, num_classes: int) -> tuple:
     return key_names, entries, reasons
 
 
-def key_map(model: torch.nn.Module, key_names: str) -> dict:
-    """{our state_dict key: the exported key} for `key_names`. Only timm's ResNet-D differs from
-    ours: its shortcut is always Sequential(pool, conv, BN), the pool an Identity where the
-    stride is 1 (resnet50's layer1), while ours leaves that pool out, so the indices shift by one."""
+def key_map(model: torch.nn.Module, manifest: dict) -> dict:
+    """{our state_dict key: the exported key} for model.json's `key_names`. Only timm's ResNet-D
+    differs from ours: its shortcut is always Sequential(pool, conv, BN), the pool an Identity
+    where the stride is 1 (resnet50's layer1), while ours leaves that pool out, so the indices
+    shift by one. (Plain shortcuts, Sequential(conv, BN), are the same in all three.)"""
     keys = list(model.state_dict())
     mapping = dict(zip(keys, keys))
-    if key_names != "timm":
+    if manifest["key_names"] != "timm" or not manifest["model_options"]["resnet_d"]:
         return mapping
     for name, module in model.named_modules():
         if name.endswith("downsample") and isinstance(module[0], torch.nn.Conv2d):
@@ -315,7 +316,7 @@ def export(source, out, *, weights: str = "auto", overwrite: bool = False) -> di
     except KeyError as e:  # a config saved by a version that lacked a key
         raise ExportError(f"{path}: the checkpoint's config has no {e}") from None
     model = create_model(manifest["arch"], num_classes=manifest["num_classes"], **manifest["model_options"])
-    mapping = key_map(model, manifest["key_names"])
+    mapping = key_map(model, manifest)
     if set(state) != set(mapping):  # an arch or option the config does not describe
         diff = sorted(set(state) ^ set(mapping))
         raise ExportError(f"{path}: the weights do not fit {manifest['arch']} with "
@@ -350,7 +351,7 @@ def load_model(folder, *, check_hash: bool = True) -> torch.nn.Module:
     if check_hash and sha256(weights) != manifest["files"][SAFETENSORS]["sha256"]:
         raise ExportError(f"{weights}: SHA-256 differs from the one in {Path(folder) / MANIFEST}")
     model = create_model(manifest["arch"], num_classes=manifest["num_classes"], **manifest["model_options"])
-    ours = {exported: key for key, exported in key_map(model, manifest["key_names"]).items()}
+    ours = {exported: key for key, exported in key_map(model, manifest).items()}
     state = load_file(weights)
     model.load_state_dict({ours.get(k, k): v for k, v in state.items()}, strict=True)
     return model.eval()

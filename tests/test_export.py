@@ -103,9 +103,16 @@ def test_plain_resnet18_loads_strictly_into_torchvision_and_model_json_says_what
 @pytest.mark.parametrize("arch, options, timm_name", [
     ("resnet50", {"resnet_d": True}, "resnet50d"),  # layer1's stride-1 shortcut: indices shift
     ("resnet18", {"resnet_d": True, "activation": "silu"}, "resnet18d"),
+    ("resnet18", {"activation": "mish"}, "resnet18"),
 ])
-def test_resnet_d_loads_into_timm_and_into_our_factory(tmp_path, capsys, arch, options, timm_name):
+def test_resnet_d_and_other_activations_load_into_timm_and_into_our_factory(tmp_path, capsys, monkeypatch,
+                                                                           arch, options, timm_name):
     from safetensors.torch import load_file
+
+    from ffcv_imagenet import models
+
+    # FastMish as torch's Mish (its fallback, same values) instead of compiling its CPU kernels
+    monkeypatch.setattr(models, "_MISH_KERNELS", {"fwd": None, "bwd": None})
 
     model, _ = save_run(tmp_path / "run", arch, **options)
     assert run_export(capsys, tmp_path / "run", f"--export.out={tmp_path / 'exp'}")[0] == 0
@@ -145,6 +152,16 @@ def test_the_weight_average_is_exported_when_the_run_kept_one(tmp_path, capsys):
     manifest = export.read_manifest(tmp_path / "raw")
     assert manifest["weights"] == "model" and manifest["val"]["top_1"] == pytest.approx(0.37)  # *_no_ema
     torch.testing.assert_close(logits(export.load_model(tmp_path / "raw")), logits(model))
+
+
+def test_wrapper_prefixes_and_channels_last_strides_are_gone():
+    model = torch.nn.Conv2d(3, 4, 3).to(memory_format=torch.channels_last)
+    weight = model.weight
+    state = {"module._orig_mod.weight": weight, "_orig_mod.module.bias": model.bias, "block.module.x": weight}
+    cleaned = export.clean_state(state)
+    assert list(cleaned) == ["weight", "bias", "block.module.x"]  # a module named `module` inside stays
+    assert not weight.is_contiguous() and cleaned["weight"].is_contiguous()
+    assert torch.equal(cleaned["weight"], weight)
 
 
 def test_refusals_name_the_file_and_leave_nothing_half_written(tmp_path, capsys):
