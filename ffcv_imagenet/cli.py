@@ -9,6 +9,7 @@ SUBCOMMANDS = {
     "inspect": ("ffcv_imagenet.inspect", "show fields, counts, labels, sizes and metadata of a .beton"),
     "train": ("ffcv_imagenet.train", "train a model from a preset (--config-file) with overrides"),
     "report": ("ffcv_imagenet.report", "time-to-accuracy tables and plots from run folders"),
+    "export": ("ffcv_imagenet.export", "a run's weights + model.json for torchvision, timm or load_model"),
     "bench": ("ffcv_imagenet.bench", "loader/writer/training throughput vs stock ffcv, torchvision, DALI"),
     "scale": ("ffcv_imagenet.scale", "writer and loader cost per sample at ILSVRC2012 scale (1.28 M samples)"),
     "demo": ("ffcv_imagenet.demo", "generate a small real-JPEG dataset, write, train, report"),

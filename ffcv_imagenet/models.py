@@ -426,6 +426,16 @@ def create_model(arch: str, *, num_classes: int = 1000, zero_init_residual: bool
 
 
 STEM_POOLS = ("max", "maxblur")  # create_model's stem_pool
+
+
+def architecture_options(model_cfg: dict, use_blurpool: bool) -> dict:
+    """create_model's keyword arguments that shape the network (not how it is initialised), from
+    a config's `model` section and training.use_blurpool: what train builds and export records.
+    Configs saved before a key existed lack it; they get the default it had then."""
+    return {"resnet_d": bool(model_cfg["resnet_d"]), "use_blurpool": bool(use_blurpool),
+            "activation": model_cfg.get("activation", "relu"),
+            "stem_pool": model_cfg.get("stem_pool", "max"),
+            "self_attention": bool(model_cfg.get("self_attention", False))}
 ACTIVATIONS = {"relu": torch.nn.ReLU, "mish": FastMish, "silu": torch.nn.SiLU}
 
 

@@ -18,6 +18,10 @@ folder, or a folder of run folders), and writes:
 - `top1_vs_time.png`, `top1_vs_epoch.png` (every run overlaid) and `front.png` (final top-1
   against wall-clock, one point per run, the group mean marked) in `report.out`.
 
+`--report.reference=NAME[,NAME]` adds published results from `references.json` (FFCV's tables,
+He et al. 2016, Bag of Tricks) to the first table, each row marked "reference: ..." with its
+source, after the runs of its preset and epochs (rows that no run matches come last).
+
 Runs that were cut short or whose logs lack a field are listed, marked as such, never dropped:
 a cut-short run gets its own row with "incomplete k/N" and is not averaged with finished runs,
 marked "stopped by training.stop_after_s" when its last launch ended itself at a time limit.
@@ -40,6 +44,9 @@ EPOCH_FIELDS = ("epoch", "lr", "resolution", "train_loss", "train_images_per_s",
 # null on the epochs that validation.every_n_epochs skips; expected on the others and on the last
 VAL_FIELDS = ("top_1", "top_5", "val_loss")
 DEFAULT_TARGETS = (0.5, 0.6, 0.7, 0.75)
+REFERENCES_PATH = Path(__file__).with_name("references.json")
+# Read at import, a few KB: its names are report.reference's choices, which --help lists.
+REFERENCES = json.loads(REFERENCES_PATH.read_text(encoding="utf-8"))["references"]
 MARKER = "<!-- report:{name} {edge} -->"
 
 
@@ -363,9 +370,61 @@ def _md_row(cells) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
-def make_table(runs, targets=DEFAULT_TARGETS) -> str:
+def references(names) -> list:
+    """The rows of the named entries of references.json, each with its entry's label, devices
+    and source, in the order named."""
+    return [{**row, **{k: REFERENCES[name][k] for k in ("label", "devices", "source")}}
+            for name in names for row in REFERENCES[name]["rows"]]
+
+
+def _place_references(rows, order) -> tuple:
+    """({group key: reference rows to print after it}, the rows no group matches): a row goes
+    after the last group of one of its presets, with its epochs when it states them."""
+    after, unmatched = {}, []
+    for ref in rows:
+        keys = [key for key in order if key[0] in ref["presets"]
+                and (ref["epochs"] is None or key[4] == ref["epochs"])]
+        if keys:
+            after.setdefault(keys[-1], []).append(ref)
+        else:
+            unmatched.append(ref)
+    return after, unmatched
+
+
+def _reference_row(ref, n_columns) -> list:
+    """A published result, in the table's columns, marked as such, its source in the notes."""
+    fmt = {"top_1": _pct, "top_5": _pct, "wallclock_min": lambda m: f"{m:.1f} min"}
+    cells = [f"reference: {ref['label']}", "—", str(ref["epochs"] or "—"), ref["devices"] or "—",
+             *(fmt[k](ref[k]) if ref.get(k) is not None else "—" for k in fmt)]
+    cells += ["—"] * (n_columns - len(cells) - 1)
+    what = f"{ref['what']}; " if ref.get("what") else ""
+    return cells + [f"published, not run here: {what}{ref['source']}"]
+
+
+def _group_row(key, members, targets) -> list:
+    preset, world, device, precision, planned, _ = key
+    reached = []
+    for t in targets:
+        times = [r.time_to(t) for r in members]
+        hit = [x for x in times if x is not None]
+        cell = _mean_std(hit, _minutes) if hit else "not reached"
+        if hit and len(hit) < len(times):
+            cell += f" ({len(hit)}/{len(times)} runs)"
+        reached.append(cell)
+    notes = sorted({p for r in members for p in r.problems})
+    return [preset, str(len(members)), _epochs_cell(planned, members), _devices(world, device, precision),
+            _mean_std([r.top1_at_end() for r in members], _pct),
+            _mean_std([r.top5_at_end() for r in members], _pct),
+            _mean_std([r.wallclock_s() for r in members], _minutes),
+            *reached,
+            _mean_std([r.mean_images_per_s() for r in members], _rate),
+            "; ".join(notes) if notes else ""]
+
+
+def make_table(runs, targets=DEFAULT_TARGETS, reference_rows=()) -> str:
     """The Markdown table: one row per group of finished runs, one per cut-short run, and after
-    the groups of a preset that trained in several precisions, one row pooling their accuracy."""
+    the groups of a preset that trained in several precisions, one row pooling their accuracy;
+    `reference_rows` (from `references`) after the runs they match, the others at the end."""
     groups, pools = {}, {}
     for run in runs:
         groups.setdefault(_group_key(run), []).append(run)
@@ -381,28 +440,13 @@ def make_table(runs, targets=DEFAULT_TARGETS) -> str:
     header += [f"to {_pct(t).replace('.00', '')}" for t in targets]
     header += ["img/s", "notes"]
     rows = [_md_row(header), "|" + "---|" * len(header)]
+    references_after, unmatched = _place_references(reference_rows, order)
     for key, members in groups.items():
-        preset, world, device, precision, planned, _ = key
-        reached = []
-        for t in targets:
-            times = [r.time_to(t) for r in members]
-            hit = [x for x in times if x is not None]
-            cell = _mean_std(hit, _minutes) if hit else "not reached"
-            if hit and len(hit) < len(times):
-                cell += f" ({len(hit)}/{len(times)} runs)"
-            reached.append(cell)
-        notes = sorted({p for r in members for p in r.problems})
-        rows.append(_md_row([
-            preset, str(len(members)), _epochs_cell(planned, members), _devices(world, device, precision),
-            _mean_std([r.top1_at_end() for r in members], _pct),
-            _mean_std([r.top5_at_end() for r in members], _pct),
-            _mean_std([r.wallclock_s() for r in members], _minutes),
-            *reached,
-            _mean_std([r.mean_images_per_s() for r in members], _rate),
-            "; ".join(notes) if notes else "",
-        ]))
+        rows.append(_md_row(_group_row(key, members, targets)))
         if key in pooled_after:
             rows.append(_md_row(_pooled_row(pools[pooled_after[key]], len(header))))
+        rows += [_md_row(_reference_row(ref, len(header))) for ref in references_after.get(key, ())]
+    rows += [_md_row(_reference_row(ref, len(header))) for ref in unmatched]
     return "\n".join(rows) + "\n"
 
 
@@ -529,6 +573,8 @@ COMMAND = Command("report", "report", __doc__.split("\n\n")[0].split(": ", 1)[-1
     "readme": Option(str, "", "also write the table into this Markdown file, between "
                      "<!-- report:SECTION start --> and <!-- report:SECTION end -->", path=True),
     "section": Option(str, "results", "marker name for report.readme"),
+    "reference": Option(str, (), "add these published results (references.json) beside the runs "
+                        "of their preset and epochs", choices=tuple(REFERENCES), many=True),
 }, positional=Positional("runs", "RUN", "run folders (holding log.jsonl) or folders of them", many=True))
 
 
@@ -547,7 +593,7 @@ def main(argv=None) -> int:
     except FileNotFoundError as e:
         print(f"ffcv-imagenet report: {e}", file=sys.stderr)
         return 2
-    table = make_table(runs, fractions(args.targets)) + "\n" + make_runs_table(runs)
+    table = make_table(runs, fractions(args.targets), references(args.reference)) + "\n" + make_runs_table(runs)
     out_dir = Path(args.out or args.runs[0])
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "report.md").write_text(table)

@@ -562,14 +562,10 @@ def setup_data(run: Run) -> Data:
 
 
 def build_model(*, arch, num_classes, model_cfg, use_blurpool, channels_last, device):
-    from ffcv_imagenet.models import create_model
+    from ffcv_imagenet.models import architecture_options, create_model
 
     model = create_model(arch, num_classes=num_classes, zero_init_residual=model_cfg["zero_init_residual"],
-                         use_blurpool=use_blurpool, resnet_d=model_cfg["resnet_d"],
-                         xavier_init=model_cfg["xavier_init"],
-                         activation=model_cfg.get("activation", "relu"),
-                         stem_pool=model_cfg.get("stem_pool", "max"),
-                         self_attention=model_cfg.get("self_attention", False))
+                         xavier_init=model_cfg["xavier_init"], **architecture_options(model_cfg, use_blurpool))
     return model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 

@@ -277,3 +277,31 @@ def test_environment_records_the_cpu_model():
     with open("/proc/cpuinfo") as f:
         if "model name" in f.read():
             assert env["cpu_model"]
+
+
+def test_reference_rows_stand_beside_the_runs_they_match_with_their_source(tmp_path, capsys):
+    write_run(tmp_path / "runs" / "a", "rn50_16_epochs", [0.5 + 0.01 * i for i in range(16)])
+    write_run(tmp_path / "runs" / "b", "rn50_88_epochs", [0.6], epochs_planned=88, summary=False)
+    write_run(tmp_path / "runs" / "c", "mine", [0.4, 0.5])
+    code = report.main([str(tmp_path / "runs"), "--report.reference=he2016,ffcv-rn50", "--report.plots=0",
+                        f"--report.out={tmp_path / 'out'}", "--report.targets=70"])
+    assert code == 0
+    table = (tmp_path / "out" / "report.md").read_text().split("\n\n")[0]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines()[2:]]
+    firsts = [(row[0], row[2]) for row in rows]
+    # each reference right after the runs of its preset and epochs; the unmatched ones last, in order
+    assert firsts == [("rn50_16_epochs", "16"), ("reference: FFCV ResNet-50", "16"),
+                      ("rn50_88_epochs", "88"), ("reference: FFCV ResNet-50", "88"), ("mine", "2"),
+                      ("reference: He et al. 2016 ResNet-50", "90"),
+                      *[("reference: FFCV ResNet-50", str(e)) for e in (24, 32, 40, 56)]]
+    assert rows[1][1:7] == ["—", "16", "8 × A100", "73.80%", "90.80%", "14.9 min"]
+    assert rows[1][-1].startswith("published, not run here: FFCV's published ResNet-50 table")
+    assert rows[5][4:6] == ["76.00%", "92.90%"] and "He, Zhang, Ren, Sun" in rows[5][-1]
+    assert all(row[-1].startswith("published, not run here: ") for row in rows if row[0].startswith("reference"))
+    assert report.make_table(report.find_runs([tmp_path / "runs"])).count("reference") == 0  # only when asked
+    capsys.readouterr()
+    assert report.main([str(tmp_path / "runs"), "--report.reference=ffcv-rn5"]) == 2
+    err = capsys.readouterr().err
+    assert "report.reference='ffcv-rn5': expected comma-separated, each one of " in err
+    assert {"ffcv-rn50", "he2016", "bag-of-tricks"} <= set(report.REFERENCES)
+    assert all(name in err for name in report.REFERENCES)
