@@ -218,6 +218,41 @@ def test_the_training_step_never_reads_the_device_from_the_host():
     assert short == ["tolist"]  # the end-of-epoch totals, read once
 
 
+def test_step_losses_reach_the_hook_on_the_window_reads_only():
+    """45 steps of 2 micro-batches (3 and 5 images): the per-step losses arrive in three calls, at
+    the two window reads and the end-of-epoch read, and those three are all the host reads; each
+    step's loss is its micro-batches' image-weighted mean, its lr the one the step used."""
+    import copy
+
+    import torch.nn.functional as F
+
+    from ffcv_imagenet.data import prepare_batch
+
+    steps, window = 45, train.NONFINITE_WINDOW
+    g = torch.Generator().manual_seed(4)
+    batches = [(torch.randint(0, 256, (n, 3, 8, 8), dtype=torch.uint8, generator=g),
+                torch.randint(0, 5, (n,), generator=g)) for _ in range(steps) for n in (3, 5)]
+    model = small_net()
+    initial = copy.deepcopy(model)
+    trainer = train.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), torch.device("cpu"),
+                            "fp32", accum_steps=2)
+    calls = []
+    with HostReads() as reads:
+        stats = train.train_one_epoch(trainer, batches, epoch=1, steps_per_epoch=steps,
+                                      lr_fn=lambda e: 0.1 / e, hooks=train.EpochHooks(on_losses=calls.append))
+    assert reads.calls == ["tolist"] * 3
+    assert [[n for n, _, _ in points] for points in calls] == [
+        list(range(1, window + 1)), list(range(window + 1, 2 * window + 1)), list(range(2 * window + 1, steps + 1))]
+    points = [p for points in calls for p in points]
+    assert [lr for _, _, lr in points] == [0.1 / (1 + (n - 1) / steps) for n, _, _ in points]
+    with torch.no_grad():  # step 1: both micro-batches meet the initial weights
+        first = [F.cross_entropy(initial(prepare_batch(x, dtype=torch.float32)), y).item() * len(y)
+                 for x, y in batches[:2]]
+    assert points[0][1] == pytest.approx(sum(first) / 8, rel=1e-6)
+    # every step has 8 images: the epoch's loss is the mean of its steps'
+    assert stats["train_loss"] == pytest.approx(sum(loss for _, loss, _ in points) / steps, rel=1e-9)
+
+
 class PixelLogits(torch.nn.Module):
     """Logits = the first row of channel 0 of the normalised image (one value per column)."""
 
