@@ -398,7 +398,7 @@ def environment(world_size: int) -> dict:
     from ffcv_imagenet.distributed import cpu_has_fast_bf16
 
     versions = package_versions(("torch", "torchvision", "ffcv", "numba", "numpy", "fastargs",
-                                 "ffcv-imagenet"))
+                                 "tensorboard", "ffcv-imagenet"))
     cuda = torch.cuda.is_available()
     return {
         "python": sys.version.split()[0],

@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from engine_data import EPOCHS, records, run_args, shared_betons
+from engine_data import EPOCHS, records, run_args, shared_betons, tensorboard_scalars
 from ffcv_imagenet import train
 from ffcv_imagenet.logger import RunLogger, SinkOptions, epoch_fields
 
@@ -23,16 +23,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptio
 
 STEP_EVERY = 5  # with 10 steps per epoch: 2 points per epoch, one of them the epoch's last step
 STEPS_PER_EPOCH = 10  # engine_data.run_args: 80 images, batch 8
-
-
-def scalars(folder) -> dict:
-    """{tag: [(step, value)]} of the event files in `folder`, as TensorBoard shows them."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    accumulator = EventAccumulator(str(folder), size_guidance={"scalars": 0})  # 0: keep every point
-    accumulator.Reload()
-    return {tag: [(e.step, e.value) for e in accumulator.Scalars(tag)]
-            for tag in accumulator.Tags()["scalars"]}
 
 
 def f32(value: float) -> float:
@@ -64,7 +54,7 @@ def test_tensorboard_holds_each_epoch_figure_of_the_log_once(resumed_run):
     epochs = records(resumed_run, "epoch")
     assert [r["epoch"] for r in epochs] == list(range(EPOCHS))
     assert [r["step"] for r in epochs] == [STEPS_PER_EPOCH * (e + 1) for e in range(EPOCHS)]
-    tags = scalars(resumed_run / "tensorboard")
+    tags = tensorboard_scalars(resumed_run / "tensorboard")
     numeric = [k for k, v in epochs[0].items()
                if isinstance(v, (int, float)) and k not in ("epoch", "step")]
     assert {"train_loss", "top_1", "top_5", "val_loss", "lr", "resolution", "train_images_per_s"} <= set(numeric)
@@ -74,7 +64,7 @@ def test_tensorboard_holds_each_epoch_figure_of_the_log_once(resumed_run):
 
 
 def test_step_points_only_every_step_every_steps_and_continue_after_resume(resumed_run):
-    tags = scalars(resumed_run / "tensorboard")
+    tags = tensorboard_scalars(resumed_run / "tensorboard")
     expected_steps = list(range(STEP_EVERY, STEPS_PER_EPOCH * EPOCHS + 1, STEP_EVERY))
     assert [s for s, _ in tags["step/loss"]] == expected_steps
     assert [s for s, _ in tags["step/lr"]] == expected_steps
@@ -139,7 +129,7 @@ def test_an_epoch_replayed_after_a_kill_is_not_held_twice(tmp_path):
     header, rows, text = read_csv(tmp_path / "epochs.csv")
     assert text.count("epoch,step,") == 1
     assert [(row[0], row[header.index("train_loss")]) for row in rows] == [("0", "3.0"), ("1", "1.3"), ("2", "1.2")]
-    tags = scalars(tmp_path / "tensorboard")
+    tags = tensorboard_scalars(tmp_path / "tensorboard")
     assert tags["epoch/train_loss"] == [(10, 3.0), (20, f32(1.3)), (30, f32(1.2))]
     assert tags["step/loss"] == [(5, f32(3.1)), (10, f32(3.2))] + [(s, f32(1.0 + s / 100)) for s in (15, 20, 25, 30)]
     assert "epoch/top_1" not in tags  # None: not validated, no point
@@ -158,7 +148,7 @@ def test_sinks_switched_on_at_a_resume_start_from_the_log(tmp_path):
     header, rows, text = read_csv(tmp_path / "epochs.csv")
     assert header[-1] == "top_1_no_ema" and text.count("epoch,step,") == 1
     assert [(row[0], row[-1]) for row in rows] == [("0", ""), ("1", ""), ("2", "0.5")]
-    assert scalars(tmp_path / "tensorboard")["epoch/train_loss"] == [(10, 3.0), (20, 2.0), (30, 1.0)]
+    assert tensorboard_scalars(tmp_path / "tensorboard")["epoch/train_loss"] == [(10, 3.0), (20, 2.0), (30, 1.0)]
 
 
 def test_other_ranks_and_a_logger_without_sinks_write_only_what_they_did(tmp_path):

@@ -9,6 +9,7 @@ and run by default. The uninterrupted reference run is in this process and the k
 subprocess: both use 1 torch thread and 1 decoding thread, so their weights are bitwise equal."""
 
 import gc
+import importlib.util
 import json
 import subprocess
 import sys
@@ -18,7 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine_data import EPOCHS, REPO, VAL_IMAGES, engine_env, records, run_args, shared_betons, torchrun_2
+from engine_data import (EPOCHS, REPO, VAL_IMAGES, engine_env, records, run_args, shared_betons,
+                         tensorboard_scalars, torchrun_2)
 from ffcv_imagenet import distributed, train
 from ffcv_imagenet.checkpoint import load_checkpoint
 from ffcv_imagenet.config import load_config
@@ -544,19 +546,27 @@ def test_two_process_gloo_run_through_torchrun(betons, tmp_path):
     folder = tmp_path / "ddp"
     # 2 processes x 8 images x 2 accumulation steps = 32 images per step; 40 per rank = 5 batches
     # val batch 6: rank 0 evaluates 19 images in 4 batches (the last of one image), rank 1 18 in 3
+    # TensorBoard (when installed) with a point per step: each step's loss is over both processes
+    tensorboard = importlib.util.find_spec("tensorboard") is not None
     argv = run_args(*betons, folder, "--training.epochs=1", "--training.global_batch_size=32",
-                    "--training.deterministic=0", "--validation.batch_size=6")
+                    "--training.deterministic=0", "--validation.batch_size=6", "--logging.csv=1",
+                    f"--logging.tensorboard={int(tensorboard)}", "--logging.step_every=1")
     out = torchrun_2(argv)
     assert out.returncode == 0, out.stderr[-3000:]
     (epoch,) = records(folder, "epoch")  # only rank 0 writes
+    if tensorboard:
+        steps = tensorboard_scalars(folder / "tensorboard")["step/loss"]
+        assert [n for n, _ in steps] == [1, 2]
+        assert sum(loss for _, loss in steps) / 2 == pytest.approx(epoch["train_loss"], rel=1e-6)
     assert epoch["val_count"] == VAL_IMAGES  # 19 + 18: every val image once, none padded
     assert len(records(folder, "start")) == 1 and len(records(folder, "summary")) == 1
     assert records(folder, "summary")[0]["total_images"] == 64  # 2 steps x 32
     derived = json.loads((folder / "params.json").read_text())["derived"]
     assert (derived["world_size"], derived["accum_steps"], derived["global_batch_size"]) == (2, 2, 32)
     assert derived["steps_per_epoch"] == 2
-    assert sorted(p.name for p in folder.iterdir()) == [".lock", "checkpoint.pt", "env.json", "log.jsonl",
-                                                       "params.json"]
+    assert sorted(p.name for p in folder.iterdir()) == [".lock", "checkpoint.pt", "env.json", "epochs.csv",
+                                                       "log.jsonl", "params.json"] + ["tensorboard"] * tensorboard
+    assert len((folder / "epochs.csv").read_text().splitlines()) == 2  # the header, epoch 0
     model_keys = load_checkpoint(folder / "checkpoint.pt")["model"].keys()
     assert "fc.weight" in model_keys and not any(k.startswith("module.") for k in model_keys)
 
