@@ -50,10 +50,10 @@ def now_iso() -> str:
 @dataclass(frozen=True)
 class SinkOptions:
     """Where the log goes besides log.jsonl: the keys of config section `logging` of the same
-    names (declared there, with their help)."""
-    tensorboard: bool = False
-    csv: bool = False
-    step_every: int = 10  # optimizer steps between per-step points
+    names (declared there, with their defaults and help)."""
+    tensorboard: bool
+    csv: bool
+    step_every: int  # optimizer steps between per-step points
 
     @classmethod
     def from_config(cls, logging_cfg: dict) -> "SinkOptions":
@@ -63,9 +63,9 @@ class SinkOptions:
 class RunLogger:
     """The run folder's writer (rank 0; `enabled=False` elsewhere, where every method does
     nothing). `log` works from construction on (log.jsonl only); `open` (once the run knows where
-    it goes on from) adds the sinks of `options`, `close` ends them."""
+    it goes on from) adds the sinks of `options` (None: log.jsonl only), `close` ends them."""
 
-    def __init__(self, folder, *, enabled: bool, options: SinkOptions = SinkOptions()):
+    def __init__(self, folder, *, enabled: bool, options: "SinkOptions | None" = None):
         self.folder = str(folder)
         self.enabled = enabled
         self.options = options
@@ -129,9 +129,9 @@ class RunLogger:
         past = {r["epoch"]: r for r in self.records()
                 if r.get("type") == "epoch" and isinstance(r.get("epoch"), int) and r["epoch"] < epoch}
         self.sinks = [self.jsonl]
-        if self.options.csv:
+        if self.options is not None and self.options.csv:
             self.sinks.append(CsvSink(os.path.join(self.folder, "epochs.csv")))
-        if self.options.tensorboard:
+        if self.options is not None and self.options.tensorboard:
             self.sinks.append(TensorBoardSink(os.path.join(self.folder, "tensorboard")))
         for sink in self.sinks:
             sink.open(epoch=epoch, step=step, past_epochs=[past[e] for e in sorted(past)])
@@ -146,7 +146,7 @@ class RunLogger:
     def steps(self, points: list) -> None:
         """Per-step points [(the run's optimizer step, 1-based; loss; lr)], as read from the
         device (a window at a time): those at multiples of `options.step_every` go to the sinks."""
-        if not self.enabled:
+        if not self.enabled or self.options is None:
             return
         kept = [p for p in points if p[0] % self.options.step_every == 0]
         if kept:

@@ -94,8 +94,9 @@ def test_csv_is_the_logs_epoch_lines_with_one_header(resumed_run):
                 assert type(value)(cell) == value, (column, cell, value)
 
 
-def logger_at(folder, epoch: int, step: int, **options) -> RunLogger:
-    logger = RunLogger(folder, enabled=True, options=SinkOptions(**options))
+def logger_at(folder, epoch: int, step: int, *, tensorboard=False, csv=False, step_every=5) -> RunLogger:
+    options = SinkOptions(tensorboard=tensorboard, csv=csv, step_every=step_every)
+    logger = RunLogger(folder, enabled=True, options=options)
     logger.open(epoch=epoch, step=step)
     return logger
 
@@ -109,7 +110,7 @@ def test_an_epoch_replayed_after_a_kill_is_not_held_twice(tmp_path):
     """Killed during epoch 2, after epoch 1 was logged but before its checkpoint: the resumed
     launch opens after epoch 0 and logs epochs 1 and 2 again, with other values."""
     pytest.importorskip("tensorboard")
-    options = dict(tensorboard=True, csv=True, step_every=5)
+    options = dict(tensorboard=True, csv=True)
     first = logger_at(tmp_path, 0, 0, **options)
     first.log(epoch_record(0, 3.0))
     first.steps([(5, 3.1, 0.1), (10, 3.2, 0.1)])
@@ -152,7 +153,8 @@ def test_sinks_switched_on_at_a_resume_start_from_the_log(tmp_path):
 
 
 def test_other_ranks_and_a_logger_without_sinks_write_only_what_they_did(tmp_path):
-    quiet = RunLogger(tmp_path / "rank1", enabled=False, options=SinkOptions(tensorboard=True, csv=True))
+    quiet = RunLogger(tmp_path / "rank1", enabled=False,
+                      options=SinkOptions(tensorboard=True, csv=True, step_every=1))
     quiet.open(epoch=0, step=0)
     quiet.log(epoch_record(0, 1.0))
     quiet.steps([(10, 1.0, 0.1)])
