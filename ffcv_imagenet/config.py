@@ -280,6 +280,9 @@ def declare() -> Config:
         "logging", "run folder",
         folder=Param(StrictStr(), "the run folder itself (params.json, env.json, log.jsonl, checkpoint.pt)", default="runs/latest"),
         progress=Param(StrictBool(), "progress on rank 0: a bar on a terminal, a line every 30 s in a log", default=True),
+        tensorboard=Param(StrictBool(), "TensorBoard event files in <folder>/tensorboard: each epoch's figures (epoch/*), per-step loss and lr (step/*); needs the tensorboard package", default=False),
+        csv=Param(StrictBool(), "<folder>/epochs.csv: one row per epoch, the epoch lines of log.jsonl as a table", default=False),
+        step_every=Param(StrictInt(min=1), "TensorBoard's per-step loss and lr at every this many optimizer steps (read from the device 20 steps at a time, with the non-finite check)", default=10),
     )
     return config
 
@@ -514,6 +517,18 @@ def check_arch_names(cfg: dict) -> None:
             raise ConfigError(f"{key}={arch} is not a torchvision classification model{hint}")
 
 
+def check_tensorboard(cfg: dict) -> None:
+    """logging.tensorboard=1 needs the tensorboard package: refused at load time, in one line
+    naming it, when it cannot be imported (the import is then cached for the run's writer)."""
+    from ffcv_imagenet.logger import summary_writer_class
+
+    if cfg["logging"]["tensorboard"]:
+        try:
+            summary_writer_class()
+        except ImportError as e:
+            raise ConfigError(str(e)) from None
+
+
 def check_consistency(cfg: dict) -> None:
     """Relations between keys that single-key checks cannot see."""
     a, r, t = cfg["augment"], cfg["resolution"], cfg["training"]
@@ -535,6 +550,7 @@ def check_consistency(cfg: dict) -> None:
             if not cfg["data"][key]:
                 raise ConfigError(f"data.{key} is not set (a .beton path)")
     check_arch_names(cfg)
+    check_tensorboard(cfg)
     if t["nesterov"] and t["optimizer"] != "sgd":
         raise ConfigError(f"training.nesterov=1 applies to training.optimizer=sgd only, got "
                           f"training.optimizer={t['optimizer']}; set --training.nesterov=0")

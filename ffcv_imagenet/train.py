@@ -40,7 +40,7 @@ from ffcv_imagenet import checkpoint as ckpt_io
 from ffcv_imagenet import distributed
 from ffcv_imagenet.config import load_config
 from ffcv_imagenet.data import create_train_loader, create_val_loader, prepare_batch
-from ffcv_imagenet.logger import RunLogger, environment
+from ffcv_imagenet.logger import RunLogger, SinkOptions, environment
 from ffcv_imagenet.metadata import DataFileError, check_same_classes, read_metadata
 from ffcv_imagenet.progress import progress as progress_bar
 from ffcv_imagenet.schedules import lr_from_config, resolution_from_config, validation_passes
@@ -54,6 +54,14 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 # the loop reads from the device once per this many optimizer steps (and at the end of the epoch):
 # a run whose loss is not finite at every step of such a window, on every process, stops there
 NONFINITE_WINDOW = 20
+# the loop's sums on the device, read to the host once per window and at the end of the epoch:
+# [0:4] the epoch's loss x images of the finite micro-batches, their images, all images, non-finite
+# micro-batches (summed over processes at the end); WINDOW: the current window's non-finite
+# micro-batches, then per step of the window its loss x images, then its images (summed, read and
+# zeroed at the end of each window: the per-step loss reaches the logger on that same read);
+# FIRST_BAD: this process's first step with a non-finite loss (not summed), 0 = none
+WINDOW = slice(4, 5 + 2 * NONFINITE_WINDOW)
+FIRST_BAD = WINDOW.stop
 
 
 class Terminated(BaseException):
@@ -126,7 +134,8 @@ def expected_epoch_s(*, last_train_s: float, last_res: int, next_res: int, val_p
 # machine runs them, not what is trained
 RESUME_MAY_CHANGE = ("data.train_dataset", "data.val_dataset", "data.num_workers", "data.in_memory",
                      "training.resume", "training.stop_after_s", "training.cpu_threads",
-                     "training.device", "logging.folder", "logging.progress")
+                     "training.device", "logging.folder", "logging.progress", "logging.tensorboard",
+                     "logging.csv", "logging.step_every")
 
 
 def resume_changes(saved: dict, current: dict, *, saved_precision: "str | None" = None,
@@ -261,10 +270,13 @@ class Trainer:
 @dataclass
 class EpochHooks:
     """Optional callbacks of a training pass: a progress bar, `on_first_batch()` when the first
-    batch arrives, `on_step(n)` after optimizer step n (1-based)."""
+    batch arrives, `on_step(n)` after optimizer step n (1-based), `on_losses(points)` with
+    [(step n, its loss over every process, its lr)] for the steps of each window of
+    NONFINITE_WINDOW steps, when the loop reads it from the device (and at the end of the epoch)."""
     progress: bool = False
     on_first_batch: object = None
     on_step: object = None
+    on_losses: object = None
 
 
 def compute_loss(model, images, labels, options: LossOptions, generator=None):
@@ -295,10 +307,7 @@ def train_one_epoch(trainer: Trainer, batches, *, epoch: int, steps_per_epoch: i
     t = trainer
     t.model.train()
     dtype = DTYPES[t.precision]
-    # on the device, read once per NONFINITE_WINDOW steps: loss of the finite micro-batches, their
-    # images, all images, non-finite micro-batches in the epoch and in the current window; then
-    # (this process's, not summed) the first step with a non-finite loss, 0 = none
-    sums = torch.zeros(6, dtype=torch.float64, device=t.device)
+    sums = torch.zeros(FIRST_BAD + 1, dtype=torch.float64, device=t.device)  # see WINDOW
     lr, lrs = None, []
     bar = progress_bar(steps_per_epoch, f"epoch {epoch}", unit="step", enabled=hooks.progress)
     t.optimizer.zero_grad(set_to_none=True)
@@ -332,14 +341,9 @@ def train_one_epoch(trainer: Trainer, batches, *, epoch: int, steps_per_epoch: i
             if hooks.on_step is not None:
                 hooks.on_step(step + 1)
             if (step + 1) % NONFINITE_WINDOW == 0:
-                _check_window(sums, t.accum_steps, epoch=epoch, step=step + 1, lr=lr)
+                _check_window(sums, t.accum_steps, lrs, epoch=epoch, on_losses=hooks.on_losses)
     bar.close()
-    # the epoch's one host read: the sums over processes, on the device
-    distributed.all_reduce_sum(sums[:5])
-    loss_sum, finite_images, images, nonfinite, _, first_bad = sums.tolist()
-    return {"train_loss": loss_sum / finite_images if finite_images else float("nan"),
-            "images": int(images), "lr": lr, "nonfinite_batches": int(nonfinite),
-            "first_nonfinite": (int(first_bad), lrs[int(first_bad) - 1]) if first_bad else None}
+    return _epoch_stats(sums, lrs, hooks.on_losses)
 
 
 def _count_loss(sums: torch.Tensor, loss: torch.Tensor, batch: int, step: int) -> None:
@@ -348,19 +352,51 @@ def _count_loss(sums: torch.Tensor, loss: torch.Tensor, batch: int, step: int) -
     bad = (~torch.isfinite(loss)).double()
     sums[:5] += torch.stack([torch.where(bad > 0, 0.0, loss.double() * batch), (1 - bad) * batch,
                              torch.ones_like(bad) * batch, bad, bad])
-    sums[5] = torch.where((sums[5] == 0) & (bad > 0), float(step), sums[5])
+    # the step's loss x images and images, at its place in the window's two rows: a strided view,
+    # so that no index tensor is built on the host (a blocking copy on a GPU)
+    at = WINDOW.start + 1 + (step - 1) % NONFINITE_WINDOW
+    sums[at:FIRST_BAD:NONFINITE_WINDOW] += torch.stack([loss.double() * batch, torch.ones_like(bad) * batch])
+    sums[FIRST_BAD] = torch.where((sums[FIRST_BAD] == 0) & (bad > 0), float(step), sums[FIRST_BAD])
 
 
-def _check_window(sums: torch.Tensor, accum_steps: int, *, epoch: int, step: int, lr: float) -> None:
-    """Every process, every micro-batch of the last NONFINITE_WINDOW steps non-finite: stop (one
-    host read per window; every process takes the same decision from the same sum)."""
-    window = distributed.all_reduce_sum(sums[4:5].clone()).item()
-    sums[4] = 0.0
-    if window >= NONFINITE_WINDOW * accum_steps * distributed.world_size():
+def _step_points(window: list, lrs: list, steps: int) -> list:
+    """[(step, loss, lr)] of the window's first `steps` steps from the window's values as read
+    (see WINDOW); `lrs` holds the lr of every step of the epoch so far, the window's last."""
+    losses, images = window[1:1 + NONFINITE_WINDOW], window[1 + NONFINITE_WINDOW:]
+    first = len(lrs) - (len(lrs) - 1) % NONFINITE_WINDOW  # 1-based: the window's first step
+    return [(first + i, losses[i] / images[i] if images[i] else float("nan"), lrs[first + i - 1])
+            for i in range(steps)]
+
+
+def _check_window(sums: torch.Tensor, accum_steps: int, lrs: list, *, epoch: int, on_losses) -> None:
+    """At the end of a window: its per-step losses to `on_losses`; and when every micro-batch of
+    its NONFINITE_WINDOW steps was non-finite on every process, stop (one host read per window;
+    every process takes the same decision from the same sum)."""
+    window = distributed.all_reduce_sum(sums[WINDOW])  # in place, on the device
+    values = window.tolist()
+    window.zero_()
+    if on_losses is not None:
+        on_losses(_step_points(values, lrs, NONFINITE_WINDOW))
+    step, lr = len(lrs), lrs[-1]
+    if values[0] >= NONFINITE_WINDOW * accum_steps * distributed.world_size():
         raise NonFiniteLoss(
             f"the loss was NaN or infinite at every one of the last {NONFINITE_WINDOW} steps on "
             f"every process (epoch {epoch}, steps {step - NONFINITE_WINDOW + 1}-{step}, lr {lr:.4g})",
             epoch=epoch, step=step, lr=lr)
+
+
+def _epoch_stats(sums: torch.Tensor, lrs: list, on_losses) -> dict:
+    """The epoch's one host read at its end: the sums over processes (on the device), and the
+    per-step losses of a window the epoch ended inside. Returns train_one_epoch's result."""
+    distributed.all_reduce_sum(sums[:FIRST_BAD])
+    values = sums.tolist()
+    loss_sum, finite_images, images, nonfinite = values[:4]
+    first_bad = values[FIRST_BAD]
+    if on_losses is not None and len(lrs) % NONFINITE_WINDOW:
+        on_losses(_step_points(values[WINDOW], lrs, len(lrs) % NONFINITE_WINDOW))
+    return {"train_loss": loss_sum / finite_images if finite_images else float("nan"),
+            "images": int(images), "lr": lrs[-1] if lrs else None, "nonfinite_batches": int(nonfinite),
+            "first_nonfinite": (int(first_bad), lrs[int(first_bad) - 1]) if first_bad else None}
 
 
 def _optimizer_step(t: Trainer) -> None:
@@ -509,7 +545,7 @@ def setup_run(cfg: dict, dist_info: distributed.DistInfo, launched_at: float) ->
                       global_batch_size=train_cfg["global_batch_size"], base_lr=lr_cfg["lr"],
                       lr_scaling=lr_cfg["lr_scaling"])
     folder = cfg["logging"]["folder"]
-    logger = RunLogger(folder, enabled=dist_info.is_main)
+    logger = RunLogger(folder, enabled=dist_info.is_main, options=SinkOptions.from_config(cfg["logging"]))
     refusal = None
     try:  # rank 0 locks the folder; every rank learns the outcome (none waits for one that left)
         logger.lock()
@@ -627,8 +663,7 @@ def resume(run: Run, trainer: Trainer) -> tuple:
     """Stage 5 (training.resume=1 or auto): the checkpoint's weights, optimizer, scaler, weight
     average and RNG states, and where the run stood (from the previous checkpoint when the last
     cannot be read); from scratch when the folder holds none. `auto` goes on only with the same
-    run. The log keeps only the epochs before the one training goes on with. Returns (Progress,
-    the epoch resumed after or None)."""
+    run. Returns (Progress, the epoch resumed after or None); the logger opens at that point."""
     progress, resumed_from = Progress(), None
     mode = run.cfg["training"]["resume"]
     if mode is False:
@@ -650,7 +685,6 @@ def resume(run: Run, trainer: Trainer) -> tuple:
                      f"(the rest of the run uses the new ones): {'; '.join(changes)}")
     else:
         run.say(f"no checkpoint in {run.folder}; starting from scratch")
-    run.logger.keep_epochs_before(progress.epoch)
     return progress, resumed_from
 
 
@@ -739,7 +773,14 @@ class LaunchClock:
         compiled = self.run.cfg["training"]["compile"]
         return EpochHooks(progress=self.run.show_progress,
                           on_first_batch=None if compiled else self.on_first_batch,
-                          on_step=_step_hook(epoch, self.on_first_batch, compiled))
+                          on_step=_step_hook(epoch, self.on_first_batch, compiled),
+                          on_losses=self._step_logger(self.progress.step))
+
+    def _step_logger(self, steps_before: int):
+        """The epoch's per-step points to the logger, at the run's step (`steps_before` + n)."""
+        def on_losses(points):
+            self.run.logger.steps([(steps_before + n, loss, lr) for n, loss, lr in points])
+        return on_losses
 
 
 def fit(cfg: dict, *, launched_at: float = None) -> dict:
@@ -777,6 +818,8 @@ def _train(cfg: dict, dist_info: distributed.DistInfo, launched_at: float) -> di
         data = setup_data(run)
         trainer = setup_trainer(run, setup_model(run, len(data.wnids)), len(data.wnids))
         progress, resumed_from = resume(run, trainer)
+        # the log keeps only the epochs before the one training goes on with; the sinks start
+        run.logger.open(epoch=progress.epoch, step=progress.step)
         derived = derived_params(run, data)
         run.logger.write_json("params.json", {**{k: v for k, v in cfg.items() if k != "meta"},
                                               "config_file": cfg.get("meta", {}).get("config_file"),
@@ -785,6 +828,7 @@ def _train(cfg: dict, dist_info: distributed.DistInfo, launched_at: float) -> di
         run.logger.write_json("env.json", environment(dist_info.world_size))
         return train_loop(run, data, trainer, progress, LaunchClock(run, progress, derived, resumed_from))
     finally:
+        run.logger.close()
         run.logger.unlock()
 
 
@@ -857,8 +901,9 @@ def run_epoch(run: Run, data: Data, trainer: Trainer, progress: Progress, clock:
     progress.train_s += clock.last_train_s
     progress.total_images += stats["images"]
     progress.elapsed_s = clock.elapsed_s(now)
-    record = {"type": "epoch", "epoch": epoch, "lr": stats["lr"], "resolution": resolution,
-              "train_loss": stats["train_loss"], "nonfinite_batches": stats["nonfinite_batches"],
+    record = {"type": "epoch", "epoch": epoch, "step": progress.step, "lr": stats["lr"],
+              "resolution": resolution, "train_loss": stats["train_loss"],
+              "nonfinite_batches": stats["nonfinite_batches"],
               "train_images_per_s": stats["images"] / max(clock.last_train_s, 1e-9),
               **(val or {"top_1": None, "top_5": None, "val_loss": None, "val_count": None}),
               "epoch_s": now - epoch_start, "elapsed_s": progress.elapsed_s}

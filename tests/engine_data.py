@@ -1,4 +1,5 @@
-"""Helpers for the engine tests: tiny train/val .beton pairs written from the synthetic shapes."""
+"""Helpers for the engine tests: tiny train/val .beton pairs written from the synthetic shapes; the
+run folder's log and TensorBoard scalars read back."""
 
 import json
 import os
@@ -88,3 +89,14 @@ def records(folder, kind=None):
     with open(Path(folder) / "log.jsonl") as f:
         lines = [json.loads(line) for line in f if line.strip()]
     return [r for r in lines if kind is None or r["type"] == kind]
+
+
+def tensorboard_scalars(folder) -> dict:
+    """{tag: [(step, value)]} of the event files in `folder`, read by TensorBoard's own reader,
+    which hides what a later launch's purge_step covers, as TensorBoard's display does."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(folder), size_guidance={"scalars": 0})  # 0: keep every point
+    accumulator.Reload()
+    return {tag: [(e.step, e.value) for e in accumulator.Scalars(tag)]
+            for tag in accumulator.Tags()["scalars"]}

@@ -4,6 +4,7 @@ is restarted and the run resumes by itself; a loss that stays NaN stops the run 
 good checkpoint kept. (Checkpoint rotation, fallback and a full disk: test_checkpoint.py.)"""
 
 import gc
+import math
 import os
 import re
 import shutil
@@ -33,19 +34,25 @@ def betons(tmp_path_factory):
 
 def test_a_window_of_non_finite_losses_stops_and_one_finite_step_does_not():
     """Every step of a NONFINITE_WINDOW non-finite: stop, naming epoch, steps and lr. One finite
-    step in the window (as when fp16's GradScaler skips a few overflowing steps): go on."""
+    step in the window (as when fp16's GradScaler skips a few overflowing steps): go on. The same
+    read hands the window's per-step losses on (NaN where a step's was)."""
     window = train.NONFINITE_WINDOW
-    sums = torch.zeros(6, dtype=torch.float64)
+    sums = torch.zeros(train.FIRST_BAD + 1, dtype=torch.float64)
     train._count_loss(sums, torch.tensor(2.0), 4, 1)
     for step in range(2, window + 1):
         train._count_loss(sums, torch.tensor(float("nan")), 4, step)
-    train._check_window(sums, 1, epoch=2, step=window, lr=0.1)
-    # the mean skips the NaNs; the first non-finite step is kept
-    assert sums.tolist() == [8.0, 4.0, 4.0 * window, window - 1, 0.0, 2.0]
+    points = []
+    train._check_window(sums, 1, [0.1] * window, epoch=2, on_losses=points.extend)
+    # the mean skips the NaNs; the first non-finite step is kept; the window is zeroed once read
+    values = sums.tolist()
+    assert values[:4] == [8.0, 4.0, 4.0 * window, window - 1] and values[train.FIRST_BAD] == 2.0
+    assert values[train.WINDOW] == [0.0] * (2 * window + 1)
+    assert points[0] == (1, 2.0, 0.1) and [n for n, _, _ in points] == list(range(1, window + 1))
+    assert all(math.isnan(loss) for _, loss, _ in points[1:])
     for step in range(window + 1, 2 * window + 1):
         train._count_loss(sums, torch.tensor(float("inf")), 4, step)
     with pytest.raises(train.NonFiniteLoss, match=f"epoch 2, steps {window + 1}-{2 * window}, lr 0.1"):
-        train._check_window(sums, 1, epoch=2, step=2 * window, lr=0.1)
+        train._check_window(sums, 1, [0.1] * 2 * window, epoch=2, on_losses=None)
 
 
 def test_nan_stops_the_run_keeps_the_checkpoint_and_auto_resume_goes_on(betons, tmp_path, capsys):

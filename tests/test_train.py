@@ -9,6 +9,7 @@ and run by default. The uninterrupted reference run is in this process and the k
 subprocess: both use 1 torch thread and 1 decoding thread, so their weights are bitwise equal."""
 
 import gc
+import importlib.util
 import json
 import subprocess
 import sys
@@ -18,7 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine_data import EPOCHS, REPO, VAL_IMAGES, engine_env, records, run_args, shared_betons, torchrun_2
+from engine_data import (EPOCHS, REPO, VAL_IMAGES, engine_env, records, run_args, shared_betons,
+                         tensorboard_scalars, torchrun_2)
 from ffcv_imagenet import distributed, train
 from ffcv_imagenet.checkpoint import load_checkpoint
 from ffcv_imagenet.config import load_config
@@ -216,6 +218,41 @@ def test_the_training_step_never_reads_the_device_from_the_host():
     short, long = host_reads(2), host_reads(7, accum=2)
     assert short == long, (short, long)
     assert short == ["tolist"]  # the end-of-epoch totals, read once
+
+
+def test_step_losses_reach_the_hook_on_the_window_reads_only():
+    """45 steps of 2 micro-batches (3 and 5 images): the per-step losses arrive in three calls, at
+    the two window reads and the end-of-epoch read, and those three are all the host reads; each
+    step's loss is its micro-batches' image-weighted mean, its lr the one the step used."""
+    import copy
+
+    import torch.nn.functional as F
+
+    from ffcv_imagenet.data import prepare_batch
+
+    steps, window = 45, train.NONFINITE_WINDOW
+    g = torch.Generator().manual_seed(4)
+    batches = [(torch.randint(0, 256, (n, 3, 8, 8), dtype=torch.uint8, generator=g),
+                torch.randint(0, 5, (n,), generator=g)) for _ in range(steps) for n in (3, 5)]
+    model = small_net()
+    initial = copy.deepcopy(model)
+    trainer = train.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), torch.device("cpu"),
+                            "fp32", accum_steps=2)
+    calls = []
+    with HostReads() as reads:
+        stats = train.train_one_epoch(trainer, batches, epoch=1, steps_per_epoch=steps,
+                                      lr_fn=lambda e: 0.1 / e, hooks=train.EpochHooks(on_losses=calls.append))
+    assert reads.calls == ["tolist"] * 3
+    assert [[n for n, _, _ in points] for points in calls] == [
+        list(range(1, window + 1)), list(range(window + 1, 2 * window + 1)), list(range(2 * window + 1, steps + 1))]
+    points = [p for points in calls for p in points]
+    assert [lr for _, _, lr in points] == [0.1 / (1 + (n - 1) / steps) for n, _, _ in points]
+    with torch.no_grad():  # step 1: both micro-batches meet the initial weights
+        first = [F.cross_entropy(initial(prepare_batch(x, dtype=torch.float32)), y).item() * len(y)
+                 for x, y in batches[:2]]
+    assert points[0][1] == pytest.approx(sum(first) / 8, rel=1e-6)
+    # every step has 8 images: the epoch's loss is the mean of its steps'
+    assert stats["train_loss"] == pytest.approx(sum(loss for _, loss, _ in points) / steps, rel=1e-9)
 
 
 class PixelLogits(torch.nn.Module):
@@ -509,19 +546,27 @@ def test_two_process_gloo_run_through_torchrun(betons, tmp_path):
     folder = tmp_path / "ddp"
     # 2 processes x 8 images x 2 accumulation steps = 32 images per step; 40 per rank = 5 batches
     # val batch 6: rank 0 evaluates 19 images in 4 batches (the last of one image), rank 1 18 in 3
+    # TensorBoard (when installed) with a point per step: each step's loss is over both processes
+    tensorboard = importlib.util.find_spec("tensorboard") is not None
     argv = run_args(*betons, folder, "--training.epochs=1", "--training.global_batch_size=32",
-                    "--training.deterministic=0", "--validation.batch_size=6")
+                    "--training.deterministic=0", "--validation.batch_size=6", "--logging.csv=1",
+                    f"--logging.tensorboard={int(tensorboard)}", "--logging.step_every=1")
     out = torchrun_2(argv)
     assert out.returncode == 0, out.stderr[-3000:]
     (epoch,) = records(folder, "epoch")  # only rank 0 writes
+    if tensorboard:
+        steps = tensorboard_scalars(folder / "tensorboard")["step/loss"]
+        assert [n for n, _ in steps] == [1, 2]
+        assert sum(loss for _, loss in steps) / 2 == pytest.approx(epoch["train_loss"], rel=1e-6)
     assert epoch["val_count"] == VAL_IMAGES  # 19 + 18: every val image once, none padded
     assert len(records(folder, "start")) == 1 and len(records(folder, "summary")) == 1
     assert records(folder, "summary")[0]["total_images"] == 64  # 2 steps x 32
     derived = json.loads((folder / "params.json").read_text())["derived"]
     assert (derived["world_size"], derived["accum_steps"], derived["global_batch_size"]) == (2, 2, 32)
     assert derived["steps_per_epoch"] == 2
-    assert sorted(p.name for p in folder.iterdir()) == [".lock", "checkpoint.pt", "env.json", "log.jsonl",
-                                                       "params.json"]
+    assert sorted(p.name for p in folder.iterdir()) == [".lock", "checkpoint.pt", "env.json", "epochs.csv",
+                                                       "log.jsonl", "params.json"] + ["tensorboard"] * tensorboard
+    assert len((folder / "epochs.csv").read_text().splitlines()) == 2  # the header, epoch 0
     model_keys = load_checkpoint(folder / "checkpoint.pt")["model"].keys()
     assert "fc.weight" in model_keys and not any(k.startswith("module.") for k in model_keys)
 
