@@ -5,6 +5,7 @@ import sys
 import time
 
 from ..metadata import fingerprint
+from ..names import kept_names, write_names
 from .encode import check_free_space, estimate_output_bytes, page_size_for, single_threaded_opencv
 from .install import (install, metadata_record, partial_path, prepare_destination, raise_terminated,
                       remove_stale_partials, threading_is_main)
@@ -57,7 +58,9 @@ def _write(opts: WriterOptions, progress: bool) -> dict:
         write_seconds = time.time() - write_started_s
         num_bytes = temp.stat().st_size
         meta = {**metadata_record(index, opts, stats, num_bytes, images_found),
-                "fingerprint": fingerprint(temp)}
+                "fingerprint": fingerprint(temp),
+                # the sidecar goes in before the metadata that records its hash (names.py)
+                "names": write_names(destination, kept_names(index, stats.skipped))}
         meta_file = install(temp, destination, meta)
     finally:
         if previous_sigterm is not None:

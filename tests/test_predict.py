@@ -1,0 +1,85 @@
+"""Source names beside a .beton (`FILE.beton.names.gz`), `inspect` showing them, and
+`training.eval_only` writing predictions.csv and ReaL top-1 (`validation.real_labels`), on a
+small flat val folder named like ILSVRC2012's."""
+
+
+import pytest
+
+import writer_data as data
+from ffcv_imagenet.metadata import DataFileError, read_metadata
+from ffcv_imagenet.names import names_path, read_names, val_numbers, write_names
+from ffcv_imagenet.writer import write_dataset
+
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+
+
+@pytest.fixture(scope="module")
+def items():
+    """3 classes x 4 gradient JPEGs of 48x40 px: 12 val images."""
+    return data.sample_set(per_class=(4, 4, 4))
+
+
+@pytest.fixture(scope="module")
+def val_beton(items, tmp_path_factory):
+    """The 12 images as a flat ILSVRC2012-style val folder + Kaggle labels, written to a .beton."""
+    root = tmp_path_factory.mktemp("val")
+    folder = data.write_flat_val(root / "val", items)
+    labels = data.write_csv_labels(root / "LOC_val_solution.csv", items)
+    beton = root / "val.beton"
+    write_dataset(folder, beton, split="val", val_labels=labels, max_resolution=64, num_workers=1,
+                  progress=False)
+    return beton
+
+
+def expected_names(items) -> list:
+    """The val file names in the writer's sample order: by label, then name."""
+    position = {w: i for i, w in enumerate(data.WNIDS)}
+    return [name for _, name in sorted((position[wnid], f"{name}.JPEG")
+                                       for name, (wnid, _, _) in zip(data.val_names(items), items))]
+
+
+# --------------------------------------------------------------------------- the names sidecar
+
+def test_the_writer_records_each_samples_source_name(items, val_beton):
+    names = read_names(val_beton)
+    assert names == expected_names(items)
+    meta = read_metadata(val_beton)
+    assert meta["names"]["count"] == 12 and meta["names"]["file"] == "val.beton.names.gz"
+    # and the names agree with the labels stored in the file, sample by sample
+    _, labels, _ = data.read_samples(val_beton)
+    by_name = {f"{n}.JPEG": data.WNIDS.index(w) for n, (w, _, _) in zip(data.val_names(items), items)}
+    assert labels.tolist() == [by_name[n] for n in names]
+
+
+def test_skipped_images_have_no_name(tmp_path, items):
+    folder = data.write_image_folder(tmp_path / "train", items[:6])
+    bad = folder / data.WNIDS[0] / f"{items[1][1]}.JPEG"
+    bad.write_bytes(bad.read_bytes()[:200])  # cut short: does not decode
+    beton = tmp_path / "train.beton"
+    write_dataset(folder, beton, split="train", max_resolution=64, num_workers=1, progress=False,
+                  skip_bad=True)
+    kept = [f"{wnid}/{stem}.JPEG" for wnid, stem, _ in items[:6] if stem != items[1][1]]
+    assert read_names(beton) == kept
+
+
+def test_a_sidecar_that_does_not_belong_is_refused_by_name(tmp_path, val_beton):
+    beton = tmp_path / "val.beton"
+    for suffix in ("", ".meta.json", ".names.gz"):
+        (tmp_path / f"val.beton{suffix}").write_bytes(val_beton.with_name(f"val.beton{suffix}").read_bytes())
+    sidecar = names_path(beton)
+    write_names(beton, [b"ILSVRC2012_val_00000001.JPEG"] * 12)  # another write's names
+    with pytest.raises(DataFileError, match=f"{sidecar}.*not the names file"):
+        read_names(beton)
+    sidecar.unlink()
+    with pytest.raises(DataFileError, match=f"{sidecar}: source names file not found"):
+        read_names(beton)
+    meta = read_metadata(beton)
+    del meta["names"]
+    with pytest.raises(DataFileError, match=f"{beton} records no source names.*write it again"):
+        read_names(beton, meta)
+
+
+def test_val_numbers_come_from_the_base_name_and_other_names_are_refused():
+    assert val_numbers(["a/ILSVRC2012_val_00000007.JPEG", "ILSVRC2012_val_00050000.png"], "x") == [7, 50000]
+    with pytest.raises(ValueError, match=r"val.beton.names.gz: sample 1's source 'n01/img_1.JPEG'"):
+        val_numbers(["ILSVRC2012_val_00000001.JPEG", "n01/img_1.JPEG"], "val.beton.names.gz")
