@@ -6,7 +6,7 @@ small flat val folder named like ILSVRC2012's."""
 import pytest
 
 import writer_data as data
-from ffcv_imagenet.metadata import DataFileError, read_metadata
+from ffcv_imagenet.metadata import DataFileError, read_metadata, write_metadata
 from ffcv_imagenet.names import names_path, read_names, val_numbers, write_names
 from ffcv_imagenet.writer import write_dataset
 
@@ -83,3 +83,22 @@ def test_val_numbers_come_from_the_base_name_and_other_names_are_refused():
     assert val_numbers(["a/ILSVRC2012_val_00000007.JPEG", "ILSVRC2012_val_00050000.png"], "x") == [7, 50000]
     with pytest.raises(ValueError, match=r"val.beton.names.gz: sample 1's source 'n01/img_1.JPEG'"):
         val_numbers(["ILSVRC2012_val_00000001.JPEG", "n01/img_1.JPEG"], "val.beton.names.gz")
+
+
+def test_inspect_shows_the_names_and_flags_a_foreign_sidecar(tmp_path, val_beton, items, capsys):
+    from ffcv_imagenet import inspect
+
+    assert inspect.main([str(val_beton)]) == 0
+    first = ", ".join(expected_names(items)[:5])
+    assert f"names     {names_path(val_beton)}: 12, first {first}" in capsys.readouterr().out
+    beton = tmp_path / "val.beton"
+    for suffix in ("", ".meta.json", ".names.gz"):
+        (tmp_path / f"val.beton{suffix}").write_bytes(val_beton.with_name(f"val.beton{suffix}").read_bytes())
+    write_names(beton, [b"x.JPEG"] * 12)
+    assert inspect.main([str(beton)]) == 1
+    assert f"PROBLEM   {names_path(beton)} is not the names file" in capsys.readouterr().out
+    meta = read_metadata(beton)
+    del meta["names"]
+    write_metadata(beton, meta)  # as an older writer left it: usable, said so
+    assert inspect.main([str(beton)]) == 0
+    assert "names     none recorded (an older writer)" in capsys.readouterr().out
