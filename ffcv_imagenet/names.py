@@ -106,12 +106,12 @@ def read_names(beton_path, meta: "dict | None" = None) -> list:
 
 def val_numbers(names: list, where: str) -> list:
     """ILSVRC2012 val image numbers (1-based, as in `ILSVRC2012_val_00000001`) parsed from the base
-    names; ValueError naming the first name that is not one (and `where` it comes from)."""
+    names; DataFileError naming the first name that is not one (and `where` it comes from)."""
     numbers = []
     for name in names:
         found = VAL_NAME.fullmatch(os.path.splitext(name.replace("\\", "/").rsplit("/", 1)[-1])[0])
         if found is None:
-            raise ValueError(f"{where}: sample {len(numbers)}'s source {name!r} is not named like "
+            raise DataFileError(f"{where}: sample {len(numbers)}'s source {name!r} is not named like "
                              "an ILSVRC2012 val image (ILSVRC2012_val_NNNNNNNN.JPEG)")
         numbers.append(int(found.group(1)))
     return numbers

@@ -2,7 +2,10 @@
 `training.eval_only` writing predictions.csv and ReaL top-1 (`validation.real_labels`), on a
 small flat val folder named like ILSVRC2012's."""
 
+import csv
+import json
 
+import numpy as np
 import pytest
 
 import writer_data as data
@@ -102,3 +105,73 @@ def test_inspect_shows_the_names_and_flags_a_foreign_sidecar(tmp_path, val_beton
     write_metadata(beton, meta)  # as an older writer left it: usable, said so
     assert inspect.main([str(beton)]) == 0
     assert "names     none recorded (an older writer)" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- ReaL and predictions
+
+def real_entry(number: int) -> list:
+    """ReaL labels of ILSVRC2012_val_{number}: every 4th image has none; whatever class a model
+    predicts, some labelled images hold it and some do not."""
+    return [[], [0], [1, 2], [2]][number % 4]
+
+
+@pytest.fixture(scope="module")
+def real_json(tmp_path_factory):
+    path = tmp_path_factory.mktemp("real") / "real.json"
+    path.write_text(json.dumps([real_entry(i + 1) for i in range(20)]))  # more entries than images
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(val_beton, real_json, tmp_path_factory):
+    """One epoch on the 12 images (train = val here), validating with ReaL labels: the folder."""
+    from engine_data import run_args
+    from ffcv_imagenet import train
+
+    folder = tmp_path_factory.mktemp("runs") / "run"
+    assert train.main(run_args(val_beton, val_beton, folder, "--training.epochs=1",
+                               "--training.batch_size=4", "--validation.batch_size=5",
+                               f"--validation.real_labels={real_json}"), launched_at=0) == 0
+    return folder
+
+
+def log_records(folder, kind) -> list:
+    return [r for r in map(json.loads, (folder / "log.jsonl").read_text().splitlines()) if r["type"] == kind]
+
+
+def test_eval_only_writes_predictions_and_real_top1(trained, val_beton, real_json, items, tmp_path, capsys):
+    from engine_data import run_args
+    from ffcv_imagenet import train
+
+    capsys.readouterr()
+    assert train.main(run_args(val_beton, val_beton, tmp_path, "--training.eval_only=1",
+                               f"--training.checkpoint={trained / 'checkpoint.pt'}",
+                               "--validation.batch_size=5", f"--validation.real_labels={real_json}")) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    logged = log_records(tmp_path, "eval")
+    assert len(logged) == 1 and {k: v for k, v in logged[0].items() if k != "time"} == printed
+    assert printed["predictions"] == str(tmp_path / "predictions.csv") and printed["val_count"] == 12
+
+    with open(tmp_path / "predictions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["name", "label", "label_wnid", "wnid_1", "score_1", "wnid_2", "score_2",
+                             "wnid_3", "score_3"]  # 3 classes: a top-3
+    assert [r["name"] for r in rows] == expected_names(items)
+    label_of = {f"{n}.JPEG": data.WNIDS.index(w) for n, (w, _, _) in zip(data.val_names(items), items)}
+    for r in rows:
+        assert int(r["label"]) == label_of[r["name"]] and r["label_wnid"] == data.WNIDS[int(r["label"])]
+        scores = [float(r[f"score_{k}"]) for k in (1, 2, 3)]
+        assert scores == sorted(scores, reverse=True) and sum(scores) == pytest.approx(1, abs=1e-5)
+        assert sorted(r[f"wnid_{k}"] for k in (1, 2, 3)) == list(data.WNIDS)
+    # top-1 and ReaL top-1 by hand from predictions.csv and real.json
+    real = json.loads(real_json.read_text())
+    top1 = [data.WNIDS.index(r["wnid_1"]) for r in rows]
+    lists = [real[val_numbers([r["name"]], "")[0] - 1] for r in rows]
+    labelled = [(c, lst) for c, lst in zip(top1, lists) if lst]
+    assert printed["real_count"] == len(labelled) == 9
+    assert printed["real_top_1"] == pytest.approx(sum(c in lst for c, lst in labelled) / len(labelled))
+    assert printed["top_1"] == pytest.approx(np.mean([c == int(r["label"]) for c, r in zip(top1, rows)]))
+    # the same weights scored the same images at the end of training
+    epoch = log_records(trained, "epoch")[-1]
+    assert epoch["real_top_1"] == pytest.approx(printed["real_top_1"])
+    assert log_records(trained, "summary")[0]["real_top_1"] == pytest.approx(printed["real_top_1"])
