@@ -59,6 +59,7 @@ class Run:
     restarts: list = field(default_factory=list)
     epochs: list = field(default_factory=list)  # epoch records in order, one per epoch
     summary: "dict | None" = None
+    evals: list = field(default_factory=list)  # `eval` records (training.eval_only into the folder)
     problems: list = field(default_factory=list)
     machine: str = "?"
     date: str = "?"
@@ -80,6 +81,12 @@ class Run:
 
     def top5_at_end(self):
         return _get(self.summary, "top_5", _get(self.final, "top_5"))
+
+    def real_top1_at_end(self):
+        """ReaL top-1 (validation.real_labels) at the end, else of the last eval_only record."""
+        last_eval = self.evals[-1] if self.evals else None
+        return _get(self.summary, "real_top_1", _get(self.final, "real_top_1",
+                                                     _get(last_eval, "real_top_1")))
 
     def startups_before(self, epoch=None) -> float:
         """Start-up seconds paid before `epoch` ended (None: by the end of the run): the first
@@ -194,6 +201,8 @@ def _read_log(run: Run, path: Path) -> dict:
             _read_start(run, record, launches)
         elif kind == "epoch":
             by_epoch[record.get("epoch")] = record  # a resumed run rewrites an epoch: keep the last
+        elif kind == "eval":
+            run.evals.append(record)
         elif kind == "summary":
             run.summary = record
             if record.get("preset"):
@@ -377,7 +386,8 @@ def make_table(runs, targets=DEFAULT_TARGETS) -> str:
         keys = {_group_key(r) for r in members}
         if len(keys) > 1:
             pooled_after[max(keys, key=order.index)] = pool
-    header = ["preset", "runs", "epochs", "devices", "top-1", "top-5", "wall-clock"]
+    real = _any_real(runs)
+    header = ["preset", "runs", "epochs", "devices", "top-1", "top-5", *real, "wall-clock"]
     header += [f"to {_pct(t).replace('.00', '')}" for t in targets]
     header += ["img/s", "notes"]
     rows = [_md_row(header), "|" + "---|" * len(header)]
@@ -396,6 +406,7 @@ def make_table(runs, targets=DEFAULT_TARGETS) -> str:
             preset, str(len(members)), _epochs_cell(planned, members), _devices(world, device, precision),
             _mean_std([r.top1_at_end() for r in members], _pct),
             _mean_std([r.top5_at_end() for r in members], _pct),
+            *[_mean_std([r.real_top1_at_end() for r in members], _pct) for _ in real],
             _mean_std([r.wallclock_s() for r in members], _minutes),
             *reached,
             _mean_std([r.mean_images_per_s() for r in members], _rate),
@@ -404,6 +415,11 @@ def make_table(runs, targets=DEFAULT_TARGETS) -> str:
         if key in pooled_after:
             rows.append(_md_row(_pooled_row(pools[pooled_after[key]], len(header))))
     return "\n".join(rows) + "\n"
+
+
+def _any_real(runs) -> list:
+    """The ReaL top-1 column's header, when some run measured it (validation.real_labels)."""
+    return ["ReaL top-1"] if any(r.real_top1_at_end() is not None for r in runs) else []
 
 
 def _startups(run) -> str:
@@ -431,13 +447,16 @@ def _command_cell(run) -> str:
 
 def make_runs_table(runs) -> str:
     """One row per run: what a reader needs to repeat it and to judge its figures."""
-    header = ["run", "preset", "top-1", "start-up", "wall-clock", "img/s", "machine", "date", "command"]
+    real = _any_real(runs)
+    header = ["run", "preset", "top-1", *real, "start-up", "wall-clock", "img/s", "machine", "date",
+              "command"]
     rows = [_md_row(header), "|" + "---|" * len(header)]
     for run in runs:
         top1, wall, rate = run.top1_at_end(), run.wallclock_s(), run.mean_images_per_s()
         rows.append(_md_row([
             run.folder.name + ("" if run.complete else " (incomplete)"), run.preset,
             _pct(top1) if top1 is not None else "—",
+            *[_pct(run.real_top1_at_end()) if run.real_top1_at_end() is not None else "—" for _ in real],
             _startups(run),
             _minutes(wall) if wall is not None else "—",
             _rate(rate) if rate is not None else "—",

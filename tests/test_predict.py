@@ -175,3 +175,53 @@ def test_eval_only_writes_predictions_and_real_top1(trained, val_beton, real_jso
     epoch = log_records(trained, "epoch")[-1]
     assert epoch["real_top_1"] == pytest.approx(printed["real_top_1"])
     assert log_records(trained, "summary")[0]["real_top_1"] == pytest.approx(printed["real_top_1"])
+
+
+def copy_without_names(val_beton, folder):
+    """The val file as a writer from before source names left it: no sidecar, no record."""
+    beton = folder / "old.beton"
+    beton.write_bytes(val_beton.read_bytes())
+    meta = read_metadata(val_beton)
+    del meta["names"]
+    write_metadata(beton, meta)
+    return beton
+
+
+def test_real_labels_that_do_not_fit_the_val_file_are_refused_by_name(val_beton, tmp_path):
+    from ffcv_imagenet.predict import real_labels_for
+
+    wnids = list(data.WNIDS)
+    assert real_labels_for("", val_beton, wnids) is None  # off
+    short = tmp_path / "short.json"
+    short.write_text(json.dumps([[0]] * 11))
+    with pytest.raises(DataFileError, match=f"{short} holds 11 entries, but .*names ILSVRC2012_val_00000012"):
+        real_labels_for(str(short), val_beton, wnids)
+    for content, named in [("[[0], 1]", "entry 1 is not one"), ('{"a": 1}', "the file is not one"),
+                           ("[[0], [", "not JSON"), (json.dumps([[3]] * 12), "class index 3 is outside")]:
+        short.write_text(content)
+        with pytest.raises(DataFileError, match=f"validation.real_labels={short}: .*{named}"):
+            real_labels_for(str(short), val_beton, wnids)
+    with pytest.raises(DataFileError, match="not sorted"):
+        real_labels_for(str(short), val_beton, wnids[::-1])
+    old = copy_without_names(val_beton, tmp_path)
+    with pytest.raises(DataFileError, match=f"{old} records no source names.*write it again"):
+        real_labels_for(str(short), old, wnids)
+    full = tmp_path / "real.json"
+    full.write_text(json.dumps([real_entry(i + 1) for i in range(12)]))
+    table = real_labels_for(str(full), val_beton, wnids)
+    numbers = val_numbers(read_names(val_beton), "")
+    assert [[c for c in row if c >= 0] for row in table.tolist()] == [real_entry(k) for k in numbers]
+
+
+def test_eval_only_on_a_file_without_names_evaluates_and_says_why_there_are_no_predictions(
+        trained, val_beton, tmp_path, capsys):
+    from engine_data import run_args
+    from ffcv_imagenet import train
+
+    old = copy_without_names(val_beton, tmp_path)
+    assert train.main(run_args(old, old, tmp_path / "eval", "--training.eval_only=1",
+                               f"--training.checkpoint={trained / 'checkpoint.pt'}")) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out.strip().splitlines()[-1])["val_count"] == 12
+    assert f"warning: no predictions.csv: {old} records no source names" in err
+    assert not (tmp_path / "eval" / "predictions.csv").exists()
