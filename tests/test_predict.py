@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 import writer_data as data
 from ffcv_imagenet.metadata import DataFileError, read_metadata, write_metadata
@@ -225,3 +226,38 @@ def test_eval_only_on_a_file_without_names_evaluates_and_says_why_there_are_no_p
     assert json.loads(out.strip().splitlines()[-1])["val_count"] == 12
     assert f"warning: no predictions.csv: {old} records no source names" in err
     assert not (tmp_path / "eval" / "predictions.csv").exists()
+
+
+class PixelLogits(torch.nn.Module):
+    """Logits = the first row of the red channel: a test sets each image's scores by hand."""
+
+    def forward(self, x):
+        return x[:, 0, 0, :].float()
+
+
+def test_real_top1_and_predictions_against_a_hand_count():
+    from ffcv_imagenet.data import IMAGENET_MEAN, IMAGENET_STD
+    from ffcv_imagenet.predict import Predictions, RealTop1
+    from ffcv_imagenet.train import evaluate
+
+    pixels = torch.tensor([[10, 200, 30, 40, 50, 60],   # top-1 class 1, ReaL [1]: right
+                           [10, 20, 30, 40, 50, 60],    # no ReaL labels: left out
+                           [90, 20, 30, 40, 80, 70],    # top-1 class 0, ReaL [4, 2]: wrong
+                           [10, 20, 30, 90, 50, 60]],   # top-1 class 3, ReaL [5, 3]: right
+                          dtype=torch.uint8)
+    real = torch.tensor([[1, -1], [-1, -1], [4, 2], [5, 3]])
+    labels = torch.tensor([1, 0, 4, 2])
+    images = torch.zeros(4, 3, 2, 6, dtype=torch.uint8)
+    images[:, 0, 0, :] = pixels
+    batches = [(images[:2], labels[:2]), (images[2:3], labels[2:3]), (images[3:], labels[3:])]
+    predictions = Predictions()
+    result = evaluate(PixelLogits(), batches, device=torch.device("cpu"), precision="fp32",
+                      lr_tta=False, scorers=[RealTop1(real, "cpu"), predictions])
+    assert result["real_count"] == 3 and result["real_top_1"] == pytest.approx(2 / 3)
+    assert result["top_1"] == pytest.approx(1 / 4)
+    (got_labels, top, scores), = predictions.gathered
+    logits = (pixels.float() - 255 * IMAGENET_MEAN[0]) / (255 * IMAGENET_STD[0])
+    expected = logits.softmax(dim=1).topk(5, dim=1)
+    assert got_labels.tolist() == labels.tolist()
+    assert top.tolist() == expected.indices.tolist()
+    np.testing.assert_allclose(scores, expected.values.numpy(), rtol=1e-6)
