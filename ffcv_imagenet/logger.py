@@ -17,7 +17,11 @@ log.jsonl lines, in order:
     {"type": "epoch", "epoch", "lr", "resolution", "train_loss", "train_images_per_s", "top_1",
      "top_5", "val_loss", "val_count", "epoch_s", "elapsed_s", "time"}  per epoch (0-based);
     {"type": "summary", "epochs", "top_1", "top_5", "elapsed_s", "startup_s", "total_images",
-     "mean_images_per_s", "preset", "time"}  once, at the end.
+     "mean_images_per_s", "preset", "time"}  once, at the end;
+    (epoch lines and the summary also hold "real_top_1", "real_count" with validation.real_labels)
+    {"type": "eval", "checkpoint", "epoch", "weights", "top_1", "top_5", "val_loss", "val_count",
+     ["real_top_1", "real_count"], "predictions", "time"}  per training.eval_only into the folder,
+        which also writes predictions.csv there.
 
 Only rank 0 writes; other ranks get a logger that does nothing (the one rank check lives here).
 """

@@ -4,6 +4,7 @@ small flat val folder named like ILSVRC2012's."""
 
 import csv
 import json
+import os
 
 import numpy as np
 import pytest
@@ -261,3 +262,15 @@ def test_real_top1_and_predictions_against_a_hand_count():
     assert got_labels.tolist() == labels.tolist()
     assert top.tolist() == expected.indices.tolist()
     np.testing.assert_allclose(scores, expected.values.numpy(), rtol=1e-6)
+
+
+REAL_JSON = "/work/shared/data/imagenet-real/real.json"
+
+
+@pytest.mark.skipif(not os.path.exists(REAL_JSON), reason="the published real.json is not on this machine")
+def test_the_published_real_json_reads_as_documented():
+    from ffcv_imagenet.predict import read_real_json
+
+    real = read_real_json(REAL_JSON)
+    assert len(real) == 50000 and sum(not r for r in real) == 3163  # the count docs/training.md gives
+    assert max(c for r in real for c in r) == 999
