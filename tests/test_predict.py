@@ -274,3 +274,32 @@ def test_the_published_real_json_reads_as_documented():
     real = read_real_json(REAL_JSON)
     assert len(real) == 50000 and sum(not r for r in real) == 3163  # the count docs/training.md gives
     assert max(c for r in real for c in r) == 999
+
+
+@pytest.mark.slow
+def test_eval_only_under_torchrun_gathers_every_ranks_predictions(val_beton, real_json, tmp_path):
+    """2 processes (gloo), each scoring its half of the file: the same predictions.csv and ReaL
+    top-1 as one process. The checkpoint is a fixed random ResNet-18 saved by the project's save."""
+    from engine_data import run_args, torchrun_2
+    from ffcv_imagenet import train
+    from ffcv_imagenet.checkpoint import save_checkpoint
+    from ffcv_imagenet.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("resnet18", num_classes=3, use_blurpool=False, zero_init_residual=False)
+    checkpoint = tmp_path / "checkpoint.pt"
+    save_checkpoint(checkpoint, {"model": model.state_dict(), "arch": "resnet18", "num_classes": 3,
+                                 "wnids": list(data.WNIDS), "epoch": 0})
+    args = ["--training.eval_only=1", f"--training.checkpoint={checkpoint}",
+            "--validation.batch_size=5", f"--validation.real_labels={real_json}"]
+    assert train.main(run_args(val_beton, val_beton, tmp_path / "one", *args)) == 0
+    result = torchrun_2(run_args(val_beton, val_beton, tmp_path / "two", *args))
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, two = (log_records(tmp_path / k, "eval")[0] for k in ("one", "two"))
+    assert (two["val_count"], two["real_count"]) == (12, 9)
+    assert two["real_top_1"] == one["real_top_1"] and two["top_1"] == one["top_1"]
+    rows = [list(csv.reader(open(tmp_path / k / "predictions.csv"))) for k in ("one", "two")]
+    assert len(rows[1]) == 13 and [r[:4] for r in rows[1]] == [r[:4] for r in rows[0]]
+    np.testing.assert_allclose(np.array([r[4::2] for r in rows[1][1:]], dtype=float),
+                               np.array([r[4::2] for r in rows[0][1:]], dtype=float), atol=2e-6)
+    assert [r[5::2] for r in rows[1]] == [r[5::2] for r in rows[0]]
