@@ -303,3 +303,11 @@ def test_eval_only_under_torchrun_gathers_every_ranks_predictions(val_beton, rea
     np.testing.assert_allclose(np.array([r[4::2] for r in rows[1][1:]], dtype=float),
                                np.array([r[4::2] for r in rows[0][1:]], dtype=float), atol=2e-6)
     assert [r[5::2] for r in rows[1]] == [r[5::2] for r in rows[0]]
+
+
+def test_a_name_with_a_line_break_is_refused_naming_it(tmp_path):
+    from ffcv_imagenet.writer import WriterError
+
+    with pytest.raises(WriterError, match=r"source file name b'a\\nb.JPEG' holds a line break"):
+        write_names(tmp_path / "x.beton", [b"ok.JPEG", b"a\nb.JPEG"])
+    assert list(tmp_path.iterdir()) == []  # nothing written
