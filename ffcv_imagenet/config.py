@@ -265,6 +265,7 @@ def declare() -> Config:
                          default=224 / 256),
         lr_tta=Param(StrictBool(), "average logits with the horizontally flipped image", default=True),
         every_n_epochs=Param(StrictInt(min=1), "validate every n epochs (and always after the last)", default=1),
+        real_labels=Param(StrictStr(), "ReaL labels of ILSVRC2012 val (real.json): also report ReaL top-1 at every validation (needs the val file's source names); '' = off", default=""),
     )
     section(
         "model", "network",

@@ -262,8 +262,12 @@ class TrainLoader:
 
 
 class ValLoader:
-    def __init__(self, loader: Loader, num_samples: int, torch_threads: int):
-        self.loader, self.num_samples, self.torch_threads = loader, num_samples, torch_threads
+    """This process's val batches; `indices`: the samples of the file it reads, in the order it
+    yields them (a contiguous block), which maps its images to the names sidecar."""
+
+    def __init__(self, loader: Loader, indices: np.ndarray, torch_threads: int):
+        self.loader, self.indices, self.torch_threads = loader, indices, torch_threads
+        self.num_samples = len(indices)
 
     def __len__(self):
         return len(self.loader)
@@ -416,7 +420,7 @@ def create_val_loader(path, *, batch_size: int, resolution_px: int, num_workers:
     ), device)
     torch.set_num_threads(torch_threads)
     check_min_side(loader, path)
-    return ValLoader(loader, len(shard), torch_threads)
+    return ValLoader(loader, shard, torch_threads)
 
 
 # --------------------------------------------------------------------------- on-device half

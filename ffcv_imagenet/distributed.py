@@ -179,6 +179,15 @@ def barrier() -> None:
         dist.barrier()
 
 
+def gather_objects(obj) -> list:
+    """Every process's `obj`, in rank order, on every process ([obj] without a group)."""
+    if dist.is_available() and dist.is_initialized():
+        out = [None] * dist.get_world_size()
+        dist.all_gather_object(out, obj)
+        return out
+    return [obj]
+
+
 def broadcast_object(obj, src: int = 0):
     if dist.is_available() and dist.is_initialized():
         box = [obj]

@@ -1,8 +1,9 @@
 """`ffcv-imagenet inspect FILE.beton [--inspect.verify]`: what is in a .beton, and whether it all decodes.
 
 Reads the file with ffcv's `Reader` (header, fields, per-sample metadata, allocation table) and
-reports fields, sample count, label histogram, image sizes, raw vs JPEG storage and the metadata
-file written beside it. `inspect.verify` decodes every image independently of ffcv's loader (OpenCV for
+reports fields, sample count, label histogram, image sizes, raw vs JPEG storage, the metadata
+file written beside it and the first source names (names.py; a sidecar that does not belong to
+the file is a problem). `inspect.verify` decodes every image independently of ffcv's loader (OpenCV for
 JPEG samples, a size check for raw ones) so that a failing sample is reported by index, and
 checks every label against the class count of the metadata. Exit code 1 when anything is wrong.
 """
@@ -20,6 +21,7 @@ from ffcv_imagenet.host import cpu_cores
 
 JPEG_MODE, RAW_MODE = 0, 1  # ffcv's IMAGE_MODES
 CURRENT_FORMAT = 2  # ffcv.types.CURRENT_VERSION, the header version ffcv 1.0 writes
+NAMES_SHOWN = 5  # source names listed by inspect
 
 
 def _check_not_truncated(path):
@@ -155,6 +157,7 @@ def inspect_beton(path, verify=False, num_workers=None) -> dict:
     if meta is not None and meta.get("num_samples") != beton.num_samples:
         problems.append(f"metadata says {meta.get('num_samples')} samples, the .beton holds "
                         f"{beton.num_samples}: they do not belong together")
+    report["names"] = _source_names(path, meta, problems)
 
     if "label" in beton.columns:
         labels = beton.column("label").astype(np.int64)
@@ -189,6 +192,22 @@ def inspect_beton(path, verify=False, num_workers=None) -> dict:
                 problems.append(f"{len(failures)} of {beton.num_samples} images fail to decode, "
                                 f"e.g. sample {failures[0][0]}: {failures[0][1]}")
     return report
+
+
+def _source_names(path: Path, meta: "dict | None", problems: list) -> "dict | None":
+    """The names sidecar (names.py): its path, count and first names; None without metadata."""
+    from ffcv_imagenet.names import has_names, names_path, read_names
+
+    if meta is None:
+        return None
+    if not has_names(meta):  # an older writer's file: usable, but predictions cannot name images
+        return {"path": None, "count": 0, "first": []}
+    try:
+        names = read_names(path, meta)
+    except ValueError as e:
+        problems.append(str(e))
+        return None
+    return {"path": str(names_path(path)), "count": len(names), "first": names[:NAMES_SHOWN]}
 
 
 def _image_problems(beton: BetonFile, images) -> list:
@@ -236,6 +255,12 @@ def format_report(r: dict) -> str:
         lines.append(f"verify    {v['decoded']} of {r['samples']} images decode, "
                      f"{len(v['failed'])} fail")
         lines += [f"          sample {f['sample']}: {f['error']}" for f in v["failed"][:20]]
+    if r.get("names") is not None:
+        names = r["names"]
+        lines.append(f"names     {names['path']}: {names['count']}, first "
+                     f"{', '.join(names['first'])}" if names["path"] else
+                     "names     none recorded (an older writer): write the file again to map "
+                     "predictions to images")
     lines.append(f"metadata  {r['metadata_path']}")
     if r["metadata"] is not None:
         shown = dict(r["metadata"])

@@ -21,7 +21,11 @@ log.jsonl lines, in order:
      "top_1", "top_5", "val_loss", "val_count", "epoch_s", "elapsed_s", "time"}  per epoch
         (0-based; step: the run's optimizer steps at its end);
     {"type": "summary", "epochs", "top_1", "top_5", "elapsed_s", "startup_s", "total_images",
-     "mean_images_per_s", "preset", "time"}  once, at the end.
+     "mean_images_per_s", "preset", "time"}  once, at the end;
+    (epoch lines and the summary also hold "real_top_1", "real_count" with validation.real_labels)
+    {"type": "eval", "checkpoint", "epoch", "weights", "top_1", "top_5", "val_loss", "val_count",
+     ["real_top_1", "real_count"], "predictions", "time"}  per training.eval_only into the folder,
+        which also writes predictions.csv there.
 
 Every record goes to the logger's sinks (`Sink`: open, record, steps, close): log.jsonl always,
 and epochs.csv and TensorBoard when asked. Per-step loss and lr (`RunLogger.steps`) go to

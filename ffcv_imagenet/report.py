@@ -66,6 +66,7 @@ class Run:
     restarts: list = field(default_factory=list)
     epochs: list = field(default_factory=list)  # epoch records in order, one per epoch
     summary: "dict | None" = None
+    evals: list = field(default_factory=list)  # `eval` records (training.eval_only into the folder)
     problems: list = field(default_factory=list)
     machine: str = "?"
     date: str = "?"
@@ -87,6 +88,12 @@ class Run:
 
     def top5_at_end(self):
         return _get(self.summary, "top_5", _get(self.final, "top_5"))
+
+    def real_top1_at_end(self):
+        """ReaL top-1 (validation.real_labels) at the end, else of the last eval_only record."""
+        last_eval = self.evals[-1] if self.evals else None
+        return _get(self.summary, "real_top_1", _get(self.final, "real_top_1",
+                                                     _get(last_eval, "real_top_1")))
 
     def startups_before(self, epoch=None) -> float:
         """Start-up seconds paid before `epoch` ended (None: by the end of the run): the first
@@ -201,6 +208,8 @@ def _read_log(run: Run, path: Path) -> dict:
             _read_start(run, record, launches)
         elif kind == "epoch":
             by_epoch[record.get("epoch")] = record  # a resumed run rewrites an epoch: keep the last
+        elif kind == "eval":
+            run.evals.append(record)
         elif kind == "summary":
             run.summary = record
             if record.get("preset"):
@@ -391,17 +400,19 @@ def _place_references(rows, order) -> tuple:
     return after, unmatched
 
 
-def _reference_row(ref, n_columns) -> list:
-    """A published result, in the table's columns, marked as such, its source in the notes."""
-    fmt = {"top_1": _pct, "top_5": _pct, "wallclock_min": lambda m: f"{m:.1f} min"}
-    cells = [f"reference: {ref['label']}", "—", str(ref["epochs"] or "—"), ref["devices"] or "—",
-             *(fmt[k](ref[k]) if ref.get(k) is not None else "—" for k in fmt)]
-    cells += ["—"] * (n_columns - len(cells) - 1)
+def _reference_row(ref, header: list) -> list:
+    """A published result, in the table's columns (by name), marked as such, its source in the notes."""
+    def given(key, fmt):
+        return fmt(ref[key]) if ref.get(key) is not None else "—"
+
+    cells = {"preset": f"reference: {ref['label']}", "epochs": str(ref["epochs"] or "—"),
+             "devices": ref["devices"] or "—", "top-1": given("top_1", _pct), "top-5": given("top_5", _pct),
+             "wall-clock": given("wallclock_min", lambda m: f"{m:.1f} min")}
     what = f"{ref['what']}; " if ref.get("what") else ""
-    return cells + [f"published, not run here: {what}{ref['source']}"]
+    return [cells.get(name, "—") for name in header[:-1]] + [f"published, not run here: {what}{ref['source']}"]
 
 
-def _group_row(key, members, targets) -> list:
+def _group_row(key, members, targets, real: list) -> list:
     preset, world, device, precision, planned, _ = key
     reached = []
     for t in targets:
@@ -415,6 +426,7 @@ def _group_row(key, members, targets) -> list:
     return [preset, str(len(members)), _epochs_cell(planned, members), _devices(world, device, precision),
             _mean_std([r.top1_at_end() for r in members], _pct),
             _mean_std([r.top5_at_end() for r in members], _pct),
+            *[_mean_std([r.real_top1_at_end() for r in members], _pct) for _ in real],
             _mean_std([r.wallclock_s() for r in members], _minutes),
             *reached,
             _mean_std([r.mean_images_per_s() for r in members], _rate),
@@ -436,18 +448,24 @@ def make_table(runs, targets=DEFAULT_TARGETS, reference_rows=()) -> str:
         keys = {_group_key(r) for r in members}
         if len(keys) > 1:
             pooled_after[max(keys, key=order.index)] = pool
-    header = ["preset", "runs", "epochs", "devices", "top-1", "top-5", "wall-clock"]
+    real = _any_real(runs)
+    header = ["preset", "runs", "epochs", "devices", "top-1", "top-5", *real, "wall-clock"]
     header += [f"to {_pct(t).replace('.00', '')}" for t in targets]
     header += ["img/s", "notes"]
     rows = [_md_row(header), "|" + "---|" * len(header)]
     references_after, unmatched = _place_references(reference_rows, order)
     for key, members in groups.items():
-        rows.append(_md_row(_group_row(key, members, targets)))
+        rows.append(_md_row(_group_row(key, members, targets, real)))
         if key in pooled_after:
             rows.append(_md_row(_pooled_row(pools[pooled_after[key]], len(header))))
-        rows += [_md_row(_reference_row(ref, len(header))) for ref in references_after.get(key, ())]
-    rows += [_md_row(_reference_row(ref, len(header))) for ref in unmatched]
+        rows += [_md_row(_reference_row(ref, header)) for ref in references_after.get(key, ())]
+    rows += [_md_row(_reference_row(ref, header)) for ref in unmatched]
     return "\n".join(rows) + "\n"
+
+
+def _any_real(runs) -> list:
+    """The ReaL top-1 column's header, when some run measured it (validation.real_labels)."""
+    return ["ReaL top-1"] if any(r.real_top1_at_end() is not None for r in runs) else []
 
 
 def _startups(run) -> str:
@@ -475,13 +493,16 @@ def _command_cell(run) -> str:
 
 def make_runs_table(runs) -> str:
     """One row per run: what a reader needs to repeat it and to judge its figures."""
-    header = ["run", "preset", "top-1", "start-up", "wall-clock", "img/s", "machine", "date", "command"]
+    real = _any_real(runs)
+    header = ["run", "preset", "top-1", *real, "start-up", "wall-clock", "img/s", "machine", "date",
+              "command"]
     rows = [_md_row(header), "|" + "---|" * len(header)]
     for run in runs:
         top1, wall, rate = run.top1_at_end(), run.wallclock_s(), run.mean_images_per_s()
         rows.append(_md_row([
             run.folder.name + ("" if run.complete else " (incomplete)"), run.preset,
             _pct(top1) if top1 is not None else "—",
+            *[_pct(run.real_top1_at_end()) if run.real_top1_at_end() is not None else "—" for _ in real],
             _startups(run),
             _minutes(wall) if wall is not None else "—",
             _rate(rate) if rate is not None else "—",

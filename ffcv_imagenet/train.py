@@ -42,6 +42,8 @@ from ffcv_imagenet.config import load_config
 from ffcv_imagenet.data import create_train_loader, create_val_loader, prepare_batch
 from ffcv_imagenet.logger import RunLogger, SinkOptions, environment
 from ffcv_imagenet.metadata import DataFileError, check_same_classes, read_metadata
+from ffcv_imagenet.names import has_names, read_names
+from ffcv_imagenet.predict import PREDICTIONS_FILE, Predictions, RealTop1, real_labels_for, write_predictions
 from ffcv_imagenet.progress import progress as progress_bar
 from ffcv_imagenet.schedules import lr_from_config, resolution_from_config, validation_passes
 
@@ -135,7 +137,7 @@ def expected_epoch_s(*, last_train_s: float, last_res: int, next_res: int, val_p
 RESUME_MAY_CHANGE = ("data.train_dataset", "data.val_dataset", "data.num_workers", "data.in_memory",
                      "training.resume", "training.stop_after_s", "training.cpu_threads",
                      "training.device", "logging.folder", "logging.progress", "logging.tensorboard",
-                     "logging.csv", "logging.step_every")
+                     "logging.csv", "logging.step_every", "validation.real_labels")
 
 
 def resume_changes(saved: dict, current: dict, *, saved_precision: "str | None" = None,
@@ -408,8 +410,10 @@ def _optimizer_step(t: Trainer) -> None:
 
 
 @torch.no_grad()
-def evaluate(model, batches, *, device, precision: str, lr_tta: bool = True, progress=False) -> dict:
-    """Top-1, top-5, mean loss and count over every val image of every process."""
+def evaluate(model, batches, *, device, precision: str, lr_tta: bool = True, progress=False,
+             scorers=()) -> dict:
+    """Top-1, top-5, mean loss and count over every val image of every process, and the fields of
+    each of `scorers` (predict.py: they see every batch's logits, labels and top-5 classes)."""
     model.eval()
     dtype = DTYPES[precision]
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top-1, top-5, count
@@ -426,6 +430,8 @@ def evaluate(model, batches, *, device, precision: str, lr_tta: bool = True, pro
             if lr_tta:  # average with the mirrored image
                 logits = (logits + model(torch.flip(x, dims=[3])).float()) / 2
         top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        for scorer in scorers:
+            scorer.update(logits, y, top5)
         sums[:3] += torch.stack([
             F.cross_entropy(logits, y, reduction="sum").double(),
             (top5[:, 0] == y).sum().double(),
@@ -435,8 +441,9 @@ def evaluate(model, batches, *, device, precision: str, lr_tta: bool = True, pro
     sums[3] = count
     distributed.all_reduce_sum(sums)
     count = max(1.0, sums[3].item())
+    extra = {k: v for scorer in scorers for k, v in scorer.result().items()}
     return {"top_1": sums[1].item() / count, "top_5": sums[2].item() / count,
-            "val_loss": sums[0].item() / count, "val_count": int(sums[3].item())}
+            "val_loss": sums[0].item() / count, "val_count": int(sums[3].item()), **extra}
 
 
 # --------------------------------------------------------------------------- the run, in stages
@@ -516,6 +523,7 @@ class Data:
     wnids: list
     num_workers: int
     steps_per_epoch: int
+    real: "torch.Tensor | None" = None  # ReaL labels of this process's val images (real_rows)
 
 
 @dataclass
@@ -594,7 +602,19 @@ def setup_data(run: Run) -> Data:
             f"{data_cfg['train_dataset']}: {len(train_loader)} batches per process per epoch is fewer "
             f"than the {run.plan['accum_steps']} micro-batches of one optimizer step (global batch "
             f"{run.plan['global_batch_size']}); lower training.global_batch_size or use more data")
-    return Data(train_loader, val_loader, wnids, num_workers, steps_per_epoch)
+    real = real_rows(val_cfg["real_labels"], data_cfg["val_dataset"], wnids, val_loader)
+    return Data(train_loader, val_loader, wnids, num_workers, steps_per_epoch, real)
+
+
+def real_rows(real_path: str, val_path: str, wnids: list, val_loader) -> "torch.Tensor | None":
+    """validation.real_labels for the val images this process reads, in its loader's order (None
+    when off); refused before training starts when the files do not fit together."""
+    real = real_labels_for(real_path, val_path, wnids)
+    return None if real is None else real[torch.from_numpy(np.asarray(val_loader.indices))]
+
+
+def real_scorers(real: "torch.Tensor | None", device) -> list:
+    return [] if real is None else [RealTop1(real, device)]
 
 
 def build_model(*, arch, num_classes, model_cfg, use_blurpool, channels_last, device):
@@ -868,7 +888,8 @@ def train_loop(run: Run, data: Data, trainer: Trainer, progress: Progress, clock
                "elapsed_s": progress.elapsed_s, "startup_s": progress.startup_s,
                "total_images": progress.total_images,
                "mean_images_per_s": progress.total_images / max(progress.train_s, 1e-9),
-               "preset": run.cfg.get("meta", {}).get("config_file")}
+               "preset": run.cfg.get("meta", {}).get("config_file"),
+               **{k: val[k] for k in ("real_top_1", "real_count") if k in val}}
     run.logger.log(summary)
     return summary
 
@@ -932,7 +953,8 @@ def _scored_model(trainer: Trainer) -> torch.nn.Module:
 
 def _evaluate(run: Run, data: Data, model) -> dict:
     return evaluate(model, data.val_loader, device=run.device, precision=run.precision,
-                    lr_tta=run.cfg["validation"]["lr_tta"], progress=run.show_progress)
+                    lr_tta=run.cfg["validation"]["lr_tta"], progress=run.show_progress,
+                    scorers=real_scorers(data.real, run.device))
 
 
 def validate(run: Run, data: Data, trainer: Trainer, clock: LaunchClock, epoch: int):
@@ -1003,12 +1025,38 @@ def stop_before_next(run: Run, data: Data, trainer: Trainer, progress: Progress,
 
 
 def evaluate_checkpoint(cfg: dict, dist_info) -> dict:
-    """--training.eval_only=1: evaluate training.checkpoint on data.val_dataset."""
+    """--training.eval_only=1: evaluate training.checkpoint on data.val_dataset; the eval record
+    (with ReaL top-1 when validation.real_labels is given) is printed and appended to
+    logging.folder/log.jsonl, every image's top-5 written to logging.folder/predictions.csv."""
     train_cfg, val_cfg, data_cfg = cfg["training"], cfg["validation"], cfg["data"]
-    device = dist_info.device
+    device, val_path = dist_info.device, data_cfg["val_dataset"]
     precision = resolve_precision(train_cfg["precision"], device)
+    val_meta = read_metadata(val_path)
     checkpoint = ckpt_io.load_checkpoint(train_cfg["checkpoint"])
-    val_wnids = read_metadata(data_cfg["val_dataset"])["wnids"]
+    model, weights = checkpoint_model(cfg, checkpoint, val_meta["wnids"], device)
+    val_loader = create_val_loader(val_path, batch_size=val_cfg["batch_size"],
+                                   resolution_px=val_cfg["resolution"],
+                                   num_workers=loader_workers(data_cfg, dist_info),
+                                   device=device, rank=dist_info.rank, world_size=dist_info.world_size,
+                                   in_memory=data_cfg["in_memory"], torch_threads=torch.get_num_threads(),
+                                   crop_ratio=val_cfg["crop_ratio"])
+    real = real_rows(val_cfg["real_labels"], val_path, val_meta["wnids"], val_loader)
+    predictions = Predictions() if has_names(val_meta) else None
+    result = evaluate(model, val_loader, device=device, precision=precision, lr_tta=val_cfg["lr_tta"],
+                      progress=cfg["logging"]["progress"] and dist_info.is_main,
+                      scorers=[*real_scorers(real, device), *([predictions] if predictions else [])])
+    result = {"type": "eval", "checkpoint": train_cfg["checkpoint"], "epoch": checkpoint.get("epoch"),
+              "weights": weights, **result}
+    if dist_info.is_main:
+        save_evaluation(cfg["logging"]["folder"], result, predictions, val_path, val_meta)
+        print(json.dumps(result), flush=True)
+    return result
+
+
+def checkpoint_model(cfg: dict, checkpoint: dict, val_wnids: list, device) -> tuple:
+    """(the model of `checkpoint` with its weights, 'ema' or 'model': which weights); ValueError
+    when it was trained on another class list than the val file's."""
+    train_cfg, data_cfg = cfg["training"], cfg["data"]
     if checkpoint.get("wnids") is not None and checkpoint["wnids"] != val_wnids:
         raise ValueError(f"class list of {data_cfg['val_dataset']} differs from the one "
                          f"{train_cfg['checkpoint']} was trained on")
@@ -1020,19 +1068,21 @@ def evaluate_checkpoint(cfg: dict, dist_info) -> dict:
     # a run with training.ema_decay reported its weight average: evaluate that
     weights = "ema" if checkpoint.get("ema") else "model"
     model.load_state_dict(checkpoint["ema"]["module"] if weights == "ema" else checkpoint["model"])
-    val_loader = create_val_loader(data_cfg["val_dataset"], batch_size=val_cfg["batch_size"],
-                                   resolution_px=val_cfg["resolution"],
-                                   num_workers=loader_workers(data_cfg, dist_info),
-                                   device=device, rank=dist_info.rank, world_size=dist_info.world_size,
-                                   in_memory=data_cfg["in_memory"], torch_threads=torch.get_num_threads(),
-                                   crop_ratio=val_cfg["crop_ratio"])
-    result = evaluate(model, val_loader, device=device, precision=precision, lr_tta=val_cfg["lr_tta"],
-                      progress=cfg["logging"]["progress"] and dist_info.is_main)
-    result = {"type": "eval", "checkpoint": train_cfg["checkpoint"], "epoch": checkpoint.get("epoch"),
-              "weights": weights, **result}
-    if dist_info.is_main:
-        print(json.dumps(result), flush=True)
-    return result
+    return model, weights
+
+
+def save_evaluation(folder: str, result: dict, predictions, val_path: str, val_meta: dict) -> None:
+    """Rank 0: the eval record into folder/log.jsonl, and predictions.csv (a val file written
+    before source names were kept gets a warning instead: its images cannot be named)."""
+    logger = RunLogger(folder, enabled=True)
+    if predictions is None:
+        print(f"warning: no {PREDICTIONS_FILE}: {val_path} records no source names; write it "
+              "again with `ffcv-imagenet write` to get them", file=sys.stderr, flush=True)
+    else:
+        path = os.path.join(folder, PREDICTIONS_FILE)
+        write_predictions(path, read_names(val_path, val_meta), val_meta["wnids"], predictions.gathered)
+        result["predictions"] = path
+    logger.log(result)
 
 
 def main(argv=None, *, launched_at: float = None) -> int:

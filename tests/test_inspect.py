@@ -10,6 +10,7 @@ import writer_data as data
 from ffcv_imagenet import inspect
 from ffcv_imagenet.metadata import (DataFileError, check_same_classes, metadata_path, read_metadata,
                                     write_metadata)
+from ffcv_imagenet.names import names_path
 from ffcv_imagenet.writer import write_dataset
 
 
@@ -31,6 +32,7 @@ def copy_beton(source, folder):
     target = folder / source.name
     shutil.copy(source, target)
     shutil.copy(metadata_path(source), metadata_path(target))
+    shutil.copy(names_path(source), names_path(target))
     return target
 
 
@@ -46,6 +48,10 @@ def test_inspect_reports_fields_labels_sizes_storage_and_metadata(beton, capsys)
     assert "storage   raw 4, JPEG 4" in out
     assert f"wnids (3): {', '.join(data.WNIDS)}" in out
     assert '"write_mode": "proportion"' in out
+    first = ", ".join(f"{w}/{w}_{k:04d}.JPEG" for w, k in [(data.WNIDS[0], 0), (data.WNIDS[0], 1),
+                                                           (data.WNIDS[0], 2), (data.WNIDS[1], 0),
+                                                           (data.WNIDS[1], 1)])
+    assert f"names     {names_path(beton)}: 8, first {first}" in out
     assert out.rstrip().endswith("ok")
 
 

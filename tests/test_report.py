@@ -305,3 +305,26 @@ def test_reference_rows_stand_beside_the_runs_they_match_with_their_source(tmp_p
     assert "report.reference='ffcv-rn5': expected comma-separated, each one of " in err
     assert {"ffcv-rn50", "he2016", "bag-of-tricks"} <= set(report.REFERENCES)
     assert all(name in err for name in report.REFERENCES)
+
+
+def test_real_top1_gets_a_column_when_a_run_measured_it(tmp_path):
+    write_run(tmp_path / "a1", "fast", [0.5, 0.7])
+    write_run(tmp_path / "a2", "fast", [0.6, 0.8])
+    write_run(tmp_path / "b", "slow", [0.4])
+    plain = report.make_table(report.find_runs([tmp_path]), targets=(0.7,))
+    assert "ReaL" not in plain  # runs without validation.real_labels: the table as before
+    log = tmp_path / "a1" / "log.jsonl"
+    lines = [json.loads(x) for x in log.read_text().splitlines()]
+    lines[-1]["real_top_1"] = 0.75  # the summary (validation.real_labels during training)
+    log.write_text("\n".join(map(json.dumps, lines)) + "\n")
+    with open(tmp_path / "a2" / "log.jsonl", "a") as f:  # eval_only into the run folder, later
+        f.write(json.dumps({"type": "eval", "top_1": 0.8, "real_top_1": 0.85}) + "\n")
+    runs = report.find_runs([tmp_path])
+    table = report.make_table(runs, targets=(0.7,)).splitlines()
+    header = [c.strip() for c in table[0].strip("|").split("|")]
+    assert header[4:8] == ["top-1", "top-5", "ReaL top-1", "wall-clock"]
+    cells = {row.split("|")[1].strip(): [c.strip() for c in row.strip("|").split("|")] for row in table[2:]}
+    assert cells["fast"][6] == "80.00% ± 7.07%" and cells["slow"][6] == "—"
+    by_run = {row.split("|")[1].strip(): [c.strip() for c in row.strip("|").split("|")]
+              for row in report.make_runs_table(runs).splitlines()[2:]}
+    assert (by_run["a1"][3], by_run["a2"][3], by_run["b"][3]) == ("75.00%", "85.00%", "—")

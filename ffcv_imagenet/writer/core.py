@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 from ..metadata import fingerprint
+from ..names import kept_names, write_names
 from .encode import check_free_space, estimate_output_bytes, page_size_for, single_threaded_opencv
 from .install import (install, metadata_record, prepare_destination, raise_terminated,
                       remove_stale_partials, threading_is_main)
@@ -76,7 +77,9 @@ def _write_locked(opts: WriterOptions, destination, partial: Partial, started_s:
         write_seconds = time.time() - write_started_s
         num_bytes = partial.path.stat().st_size
         meta = {**metadata_record(index, opts, stats, num_bytes, images_found),
-                "fingerprint": fingerprint(partial.path)}
+                "fingerprint": fingerprint(partial.path),
+                # the sidecar goes in before the metadata that records its hash (names.py)
+                "names": write_names(destination, kept_names(index, stats.skipped))}
         meta_file = install(partial.path, destination, meta)
         crash_point("installed")
         partial.remove()
