@@ -326,13 +326,14 @@ def num_samples(path) -> int:
 
 
 def check_in_memory(path, in_memory: bool, processes_on_node: int = 1) -> None:
-    """Warn when os_cache is asked for a file larger than the available RAM."""
+    """Warn when os_cache is asked for a file larger than the available RAM (a memory cgroup's
+    limit included: host.memory_available_bytes)."""
     if not in_memory:
         return
-    import psutil
+    from .host import memory_available_bytes
 
     size = os.path.getsize(path)
-    available = psutil.virtual_memory().available
+    available = memory_available_bytes()
     if size > available:
         warnings.warn(
             f"{path} is {size / 2**30:.1f} GiB but only {available / 2**30:.1f} GiB of RAM is available: "

@@ -594,6 +594,8 @@ COMMAND = Command("report", "report", __doc__.split("\n\n")[0].split(": ", 1)[-1
     "readme": Option(str, "", "also write the table into this Markdown file, between "
                      "<!-- report:SECTION start --> and <!-- report:SECTION end -->", path=True),
     "section": Option(str, "results", "marker name for report.readme"),
+    "readme_runs": Option(bool, True, "report.readme also gets the table of every run (0: the group "
+                          "table only; report.md keeps both)"),
     "reference": Option(str, (), "add these published results (references.json) beside the runs "
                         "of their preset and epochs", choices=tuple(REFERENCES), many=True),
 }, positional=Positional("runs", "RUN", "run folders (holding log.jsonl) or folders of them", many=True))
@@ -614,7 +616,8 @@ def main(argv=None) -> int:
     except FileNotFoundError as e:
         print(f"ffcv-imagenet report: {e}", file=sys.stderr)
         return 2
-    table = make_table(runs, fractions(args.targets), references(args.reference)) + "\n" + make_runs_table(runs)
+    groups = make_table(runs, fractions(args.targets), references(args.reference))
+    table = groups + "\n" + make_runs_table(runs)
     out_dir = Path(args.out or args.runs[0])
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "report.md").write_text(table)
@@ -624,7 +627,7 @@ def main(argv=None) -> int:
             print(f"plot: {path}")
     if args.readme:
         try:
-            update_readme(Path(args.readme), args.section, table)
+            update_readme(Path(args.readme), args.section, table if args.readme_runs else groups)
         except (ValueError, FileNotFoundError) as e:
             print(f"ffcv-imagenet report: {e}", file=sys.stderr)
             return 2

@@ -13,6 +13,7 @@ loader's peak RSS, for the random and quasi_random orders (val: sequential). Eve
 runs in a fresh process, so that peak RSS is that step's own.
 """
 
+import contextlib
 import json
 import os
 import platform
@@ -34,6 +35,7 @@ TRAIN_LAYOUTS = ("folder", "class_tars")
 VAL_LAYOUTS = ("val_folder", "val_tar")
 LAYOUTS = TRAIN_LAYOUTS + VAL_LAYOUTS
 TRAIN_ORDERS = ("random", "quasi_random")
+PARTS = ("layouts", "memory")
 POOL_QUALITY = 90
 
 COMMAND = Command("scale", "scale", (
@@ -56,6 +58,18 @@ COMMAND = Command("scale", "scale", (
     "workdir": Option(str, "", "sources and .beton files go here (default: a temporary folder, removed); "
                       "needs about 4 KB a sample per layout", path=True),
     "json": Option(str, "", "write the rows and the machine to this JSON file", path=True),
+    "parts": Option(str, ("layouts",), "what to measure: layouts (index, write and loader per layout "
+                    "and N), memory (training-loader img/s on a raw-pixel train file larger than "
+                    "scale.memory_limit_mb: in_memory=1 where it fits, then in_memory=1, 0 + random, "
+                    "0 + quasi_random under the limit)", choices=PARTS, many=True),
+    "memory_limit_mb": Option(int, 2048, "memory limit for the memory part: a memory cgroup on the "
+                              "loader's process, page cache included (needs root or a delegated "
+                              "cgroup)", low=64),
+    "memory_file_mb": Option(int, 0, "size of that file (default: 3 x scale.memory_limit_mb)", low=0),
+    "memory_seconds": Option(float, 20.0, "timed seconds per loader configuration", low=0.1),
+    "render": Option(str, (), "only render these JSON files (from scale.json) as the README's scale "
+                     "tables, into scale.readme", many=True, path=True),
+    "readme": Option(str, "README.md", "the Markdown file scale.render writes into", path=True),
 })
 
 
@@ -187,7 +201,8 @@ def peak_rss_mb(who=resource.RUSAGE_SELF) -> float:
     return resource.getrusage(who).ru_maxrss / 1024  # Linux: KiB
 
 
-def probe_write(data_dir: str, write_path: str, split: str, val_labels: str, workers: int) -> dict:
+def probe_write(data_dir: str, write_path: str, split: str, val_labels: str, workers: int,
+                options=None) -> dict:
     """Write one source; the writer's own timings, and the peak RSS of this (parent) process and
     of its largest worker (forked: its RSS counts the pages it shares with the parent)."""
     from .writer import write_dataset
@@ -196,7 +211,7 @@ def probe_write(data_dir: str, write_path: str, split: str, val_labels: str, wor
 
     before_mb = rss_mb()
     summary = write_dataset(data_dir, write_path, split=split, val_labels=val_labels,
-                            num_workers=workers, progress=False)
+                            num_workers=workers, progress=False, **(options or {}))
     return {"index_s": summary["index_seconds"], "write_img_s": summary["write_images_per_s"],
             "bytes": summary["bytes"], "written": summary["samples"],
             "parent_rss_mb": round(peak_rss_mb(), 1), "parent_rss_before_mb": round(before_mb, 1),
@@ -235,17 +250,26 @@ def probe_loader(path: str, order: str, ranks: int, batch_size: int, workers: in
             "loader_rss_mb": round(peak_rss_mb(), 1), "loader_rss_before_mb": round(before_mb, 1)}
 
 
-def in_fresh_process(function: str, *args) -> dict:
-    """Run `ffcv_imagenet.scale.<function>(*args)` in a new interpreter; its JSON result."""
-    code = (f"import json, sys; from ffcv_imagenet.scale import {function} as f; "
-            "print('RESULT ' + json.dumps(f(*json.loads(sys.argv[1]))))")
+def in_fresh_process(function: str, *args, cgroup_procs=None) -> dict:
+    """Run `ffcv_imagenet.scale.<function>(*args)` in a new interpreter (in the cgroup whose
+    `cgroup.procs` is given); its JSON result."""
+    # os._exit: a loader stopped after a few batches leaves its threads running, and a normal
+    # interpreter exit can abort in their destructors ("terminate called without an active exception")
+    code = (f"import json, os, sys; from ffcv_imagenet.scale import {function} as f; "
+            "print('RESULT ' + json.dumps(f(*json.loads(sys.argv[1]))), flush=True); os._exit(0)")
     done = subprocess.run([sys.executable, "-c", code, json.dumps([str(a) if isinstance(a, Path) else a
                                                                    for a in args])],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True,
+                          preexec_fn=None if cgroup_procs is None else lambda: _join(cgroup_procs))
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode or not lines:
         raise RuntimeError(f"scale: {function}{args} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
     return json.loads(lines[-1][len("RESULT "):])
+
+
+def _join(cgroup_procs) -> None:
+    with open(cgroup_procs, "w") as f:
+        f.write(str(os.getpid()))
 
 
 # --------------------------------------------------------------------------- the run
@@ -323,12 +347,16 @@ def run(args, log=print) -> dict:
                           "source": args.images or "synthetic (synthetic.photo_like)",
                           "mean_bytes": round(float(np.mean([p.stat().st_size for p in pool])))}
         plan = [(layout, n) for layout in args.layouts if layout in TRAIN_LAYOUTS for n in args.samples]
-        if args.val_samples:
+        if "layouts" not in args.parts:
+            plan = []
+        elif args.val_samples:
             plan += [(layout, args.val_samples) for layout in args.layouts if layout in VAL_LAYOUTS]
         for layout, n in plan:
             result["rows"] += measure_layout(layout, n, args, pool, workdir, log)
             if args.json:  # a long run leaves what it has measured so far
                 _save(result, args.json)
+        if "memory" in args.parts:
+            result["memory"] = memory_rows(args, workdir, log)
     finally:
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -344,6 +372,193 @@ def _save(result: dict, path) -> None:
     os.replace(temp, path)
 
 
+# --------------------------------------------------------------------------- a train file larger than memory
+
+MEMORY_CONFIGS = (  # (name, data.in_memory, data.order, under the memory limit)
+    ("in_memory=1, file fits", True, "random", False),
+    ("in_memory=1", True, "random", True),
+    ("in_memory=0, random", False, "random", True),
+    ("in_memory=0, quasi_random", False, "quasi_random", True),
+)
+MEMORY_RESOLUTION_PX = 128  # a cheap crop, so that reading, not decoding, limits the loader
+RAW_SIDE_PX = 256
+
+
+@contextlib.contextmanager
+def memory_cgroup(limit_bytes: int):
+    """A memory cgroup (v1 `memory`, else v2) capped at `limit_bytes`, page cache included; yields
+    its `cgroup.procs`. SystemExit naming what is missing where none can be made (it needs root
+    or a delegated subtree)."""
+    candidates = [("/sys/fs/cgroup/memory", "memory.limit_in_bytes"), ("/sys/fs/cgroup", "memory.max"),
+                  ("/sys/fs/cgroup/unified", "memory.max")]
+    for root, limit_file in candidates:
+        folder = Path(root) / f"ffcv_imagenet_scale_{os.getpid()}"
+        try:
+            folder.mkdir()
+        except OSError:
+            continue
+        try:
+            (folder / limit_file).write_text(str(limit_bytes))
+        except OSError:
+            folder.rmdir()
+            continue
+        try:
+            yield folder / "cgroup.procs"
+        finally:
+            for _ in range(50):  # the processes in it may take a moment to be reaped
+                try:
+                    folder.rmdir()
+                    break
+                except OSError:
+                    time.sleep(0.1)
+        return
+    raise SystemExit("ffcv-imagenet scale: scale.memory_limit_mb needs a memory cgroup, and none could "
+                     f"be made under {', '.join(r for r, _ in candidates)} (root, or a delegated cgroup)")
+
+
+def evict_from_page_cache(path: Path) -> None:
+    """Drop the file's cached pages (clean ones go at once), so a run starts reading from disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def read_through(path: Path) -> None:
+    with open(path, "rb") as f:
+        while f.read(64 * 2**20):
+            pass
+
+
+def probe_throughput(path: str, order: str, in_memory: bool, batch_size: int, workers: int,
+                     seconds: float) -> dict:
+    """Training-loader images/s over `seconds`, after the first 3 batches (compilation)."""
+    import torch
+
+    from . import data
+
+    torch.set_num_threads(1)
+    loader = data.create_train_loader(path, batch_size=batch_size, resolution_px=MEMORY_RESOLUTION_PX,
+                                      num_workers=workers, device=torch.device("cpu"), in_memory=in_memory,
+                                      order=order)
+    images, started, batches = 0, None, iter(loader)
+    for k, (x, _) in enumerate(batches):
+        if k == 3:
+            started = time.perf_counter()
+        elif k > 3:
+            images += len(x)
+            if time.perf_counter() - started >= seconds:
+                break
+    elapsed = time.perf_counter() - started
+    return {"img_s": round(images / elapsed, 1), "images": images, "seconds": round(elapsed, 2),
+            "peak_rss_mb": round(peak_rss_mb(), 1)}
+
+
+def memory_rows(args, workdir: Path, log) -> dict:
+    """Loader images/s on a raw-pixel train file `memory_file_mb` large, for MEMORY_CONFIGS; the
+    limited ones run inside a memory cgroup of `memory_limit_mb` (the file's pages included)."""
+    limit = args.memory_limit_mb * 2**20
+    file_bytes = (args.memory_file_mb or 3 * args.memory_limit_mb) * 2**20
+    pool = make_pool(workdir / "pool_raw", args.images, args.pool, RAW_SIDE_PX)
+    raw_bytes = float(np.mean([_raw_bytes(p) for p in pool]))
+    samples = int(file_bytes / raw_bytes)
+    build_folder(workdir / "raw_src", pool, samples, min(args.classes, samples))
+    beton = workdir / "raw.beton"
+    wrote = in_fresh_process("probe_write", workdir / "raw_src", beton, "train", "", args.workers,
+                             {"write_mode": "raw", "max_resolution": RAW_SIDE_PX})
+    shutil.rmtree(workdir / "raw_src")
+    log(f"[scale] raw file: {samples:,} samples, {wrote['bytes'] / 2**30:.2f} GiB; memory limit "
+        f"{limit / 2**30:.2f} GiB")
+    result = {"file_bytes": wrote["bytes"], "samples": samples, "memory_limit_bytes": limit,
+              "limit_by": "memory cgroup (page cache included)", "resolution_px": MEMORY_RESOLUTION_PX,
+              "batch_size": args.batch_size, "workers": args.workers, "rows": []}
+    for name, in_memory, order, limited in MEMORY_CONFIGS:
+        row = {"config": name, "in_memory": in_memory, "order": order, "limited": limited}
+        try:
+            if limited:
+                evict_from_page_cache(beton)
+                with memory_cgroup(limit) as procs:
+                    row.update(in_fresh_process("probe_throughput", beton, order, in_memory, args.batch_size,
+                                                args.workers, args.memory_seconds, cgroup_procs=procs))
+            else:
+                read_through(beton)  # it fits: cached, as after a first epoch
+                row.update(in_fresh_process("probe_throughput", beton, order, in_memory, args.batch_size,
+                                            args.workers, args.memory_seconds))
+        except RuntimeError as e:
+            killed = "(exit -9)" in str(e)  # the cgroup's out-of-memory killer
+            row["error"] = "killed: over the memory limit" if killed else str(e).splitlines()[0][:300]
+        log(f"[scale] {name}{' (limited)' if limited else ''}: {row.get('img_s', row.get('error'))}")
+        result["rows"].append(row)
+    beton.unlink()
+    return result
+
+
+def _raw_bytes(path: Path) -> int:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return image.width * image.height * 3
+
+
+# --------------------------------------------------------------------------- README tables
+
+def render_readme(files: list, readme: Path) -> str:
+    """The README's `scale` section from the scale.json files: one row per layout and N, the
+    growth of the per-sample costs, and the larger-than-memory loader rates where measured."""
+    from .report import update_readme
+
+    text = "\n\n".join(_render(json.loads(Path(f).read_text()), f) for f in files)
+    update_readme(readme, "scale", text)
+    return text
+
+
+def _render(result: dict, path) -> str:
+    m = result["machine"]
+    out = [f"`{path}`: {result['date']}, {m['cpu']} ({m['cores']} cores, {m['ram_gb']} GB RAM), "
+           f"`{result['command']}`"]
+    if result["rows"]:
+        out += ["", "| layout | samples | index s (µs/sample) | write img/s | parent peak RSS MB (+ while "
+                "writing) | worker peak RSS MB | file GB | loader start-up s, random / quasi | "
+                "epoch overhead ms, random / quasi |", "|---|---|---|---|---|---|---|---|---|"]
+        for (layout, n), rows in _by_layout(result["rows"]).items():
+            first = rows[0]
+            start = " / ".join(f"{r['loader_startup_s']:.1f}" for r in rows)
+            epoch = " / ".join(f"{r['epoch_overhead_s'] * 1e3:.1f}" for r in rows)
+            out.append(f"| {layout} | {n:,} | {first['index_s']:.2f} ({first['index_us_per_sample']:.1f}) | "
+                       f"{first['write_img_s']:,.0f} | {first['parent_rss_mb']:,.0f} "
+                       f"(+{first['parent_rss_mb'] - first['parent_rss_before_mb']:,.0f}) | "
+                       f"{first['worker_rss_mb']:,.0f} | {first['bytes'] / 1e9:.2f} | {start} | {epoch} |")
+        growth_text = "; ".join(f"{k}: index {g['index_s']}x, RSS {g['parent_rss']}x, epoch {g['epoch_overhead_s']}x"
+                                for k, g in result.get("growth", {}).items() if k.endswith("/random"))
+        out += ["", f"Per-sample cost at the largest N over the smallest: {growth_text}."]
+    if result.get("memory"):
+        out += ["", *_render_memory(result["memory"])]
+    return "\n".join(out)
+
+
+def _by_layout(rows: list) -> dict:
+    grouped = {}
+    for r in rows:
+        grouped.setdefault((r["layout"], r["samples"]), []).append(r)
+    return grouped
+
+
+def _render_memory(memory: dict) -> list:
+    fits = next((r.get("img_s") for r in memory["rows"] if not r["limited"]), None)
+    lines = [f"Train file larger than memory: {memory['samples']:,} raw-pixel samples, "
+             f"{memory['file_bytes'] / 2**30:.1f} GiB, under a {memory['memory_limit_bytes'] / 2**30:.1f} GiB "
+             f"{memory['limit_by']}; {memory['resolution_px']} px crops, batch {memory['batch_size']}, "
+             f"{memory['workers']} workers:", "", "| loader | memory limit | img/s | vs in_memory=1 where it fits |",
+             "|---|---|---|---|"]
+    for r in memory["rows"]:
+        rate = f"{r['img_s']:,.0f}" if "img_s" in r else f"failed: {r['error']}"
+        ratio = f"{r['img_s'] / fits:.2f}" if "img_s" in r and fits else "—"
+        lines.append(f"| {r['config']} | {'yes' if r['limited'] else 'no'} | {rate} | {ratio} |")
+    return lines
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -351,6 +566,9 @@ def main(argv=None) -> int:
     except ValueError as e:
         return COMMAND.refuse(e)
     args.argv = argv
+    if args.render:
+        print(render_readme(args.render, Path(args.readme)))
+        return 0
     result = run(args)
     if args.json:
         _save(result, args.json)

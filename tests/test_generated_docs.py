@@ -12,8 +12,10 @@ ROOT = Path(__file__).resolve().parent.parent
 # section marker -> the command (without the file arguments) that writes it; README.md names
 # these commands beside each table
 SECTIONS = {
-    "demo": ("report", ["results/demo", "--report.targets=0.5,0.6,0.7,0.8,0.9", "--report.plots=0"]),
-    "imagenette": ("report", ["results/imagenette", "--report.targets=70,80,82,90", "--report.plots=0"]),
+    "demo": ("report", ["results/demo", "--report.targets=0.5,0.6,0.7,0.8,0.9", "--report.plots=0",
+                        "--report.readme_runs=0"]),
+    "imagenette": ("report", ["results/imagenette", "--report.targets=70,80,82,90", "--report.plots=0",
+                              "--report.readme_runs=0"]),
     "check": ("check", ["--check.render=results/check,results/gpu"]),
 }
 

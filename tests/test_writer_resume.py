@@ -113,3 +113,19 @@ def test_a_write_without_resume_starts_over_and_says_so(tmp_path, sources, refer
     assert samples(beton) == references["folder"] and hidden(tmp_path) == []
     fresh = write(sources["folder"], tmp_path / "other.beton", "--cfg.resume=1")
     assert fresh.returncode == 0 and "no unfinished write" in fresh.stderr
+
+
+def test_two_writers_never_share_a_destination(tmp_path):
+    from ffcv_imagenet.writer import WriterError
+    from ffcv_imagenet.writer.resume import Partial
+
+    first, second = Partial(tmp_path / "train.beton"), Partial(tmp_path / "train.beton")
+    first.lock()
+    try:
+        with pytest.raises(WriterError, match=rf"is being written by pid {os.getpid()}"):
+            second.lock()
+    finally:
+        first.unlock()
+    second.lock()  # free again once the first let go
+    second.unlock()
+    assert hidden(tmp_path) == []

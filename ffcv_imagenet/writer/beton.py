@@ -1,6 +1,12 @@
 """ffcv's .beton layout, and nothing else: the header and field descriptors, one sample's metadata
-row and data in an RGBImageField + IntField file, the metadata and allocation tables at the end."""
+row and data in an RGBImageField + IntField file, the pages samples go in, the metadata and
+allocation tables at the end.
 
+ffcv 1.0.2's format is spelled out here rather than imported: `import ffcv` imports torch and
+numba, about 630 MB of RSS in the writer's parent and in each of its workers, for a few dtypes.
+tests/test_writer.py checks every definition below against ffcv's own."""
+
+import ctypes
 import os
 from dataclasses import dataclass, field
 
@@ -8,6 +14,19 @@ import numpy as np
 
 from .encode import encode_jpeg
 from .options import WriterOptions
+
+CURRENT_VERSION = 2  # ffcv.types.CURRENT_VERSION
+HEADER_TYPE = np.dtype([("version", "<u2"), ("num_fields", "<u2"), ("page_size", "<u4"),
+                        ("num_samples", "<u8"), ("alloc_table_ptr", "<u8")], align=True)
+ALLOC_TABLE_TYPE = np.dtype([("sample_id", "<u8"), ("ptr", "<u8"), ("size", "<u8")])
+FIELD_DESC_TYPE = np.dtype([("type_id", "<u1"), ("name", ("<u1", 16)), ("arguments", ("<u1", (1024,)))],
+                           align=True)
+# (name, ffcv type id, metadata dtype) of each field, in file order: RGBImageField, IntField.
+# Their arguments in the header are all zeros (to_binary); the raw/JPEG choice is per sample.
+FIELDS = (("image", 2, np.dtype([("mode", "<u1"), ("width", "<u2"), ("height", "<u2"), ("data_ptr", "<u8")])),
+          ("label", 1, np.dtype("<i8")))
+METADATA_TYPE = np.dtype([("", dtype) for _, _, dtype in FIELDS], align=True)  # ffcv names them f0, f1
+IMAGE_MODES = {"jpg": 0, "raw": 1}
 
 
 @dataclass
@@ -20,59 +39,87 @@ class BetonStats:
     heights: np.ndarray = None
 
 
-def beton_fields(opts: WriterOptions) -> dict:
-    from ffcv.fields import IntField, RGBImageField
-
-    # The header records only the field types; the per-sample raw/JPEG choice is ours.
-    return {"image": RGBImageField(write_mode=opts.write_mode,
-                                   jpeg_quality=opts.jpeg_quality),
-            "label": IntField()}
+def align_to_page(offset: int, page_size: int) -> int:
+    return -(-offset // page_size) * page_size
 
 
-def write_header(path, num_samples, fields, page_size, keep_rest: bool = False):
+def write_header(path, num_samples, page_size, keep_rest: bool = False):
     """Write ffcv's header and field descriptors at the start of `path` (a new file, or, with
     keep_rest, over the same bytes of a resumed one); returns (header, metadata table offset)."""
-    from ffcv.types import CURRENT_VERSION, TYPE_ID_HANDLER, FieldDescType, HeaderType
-
-    header = np.zeros(1, dtype=HeaderType)[0]
+    header = np.zeros(1, dtype=HEADER_TYPE)[0]
     header["version"] = CURRENT_VERSION
     header["num_samples"] = num_samples
-    header["num_fields"] = len(fields)
+    header["num_fields"] = len(FIELDS)
     header["page_size"] = page_size
-    type_ids = {handler: type_id for type_id, handler in TYPE_ID_HANDLER.items()}
-    descriptors = np.zeros(len(fields), dtype=FieldDescType)
-    for row, (name, f) in zip(descriptors, fields.items()):
-        encoded = np.frombuffer(name.encode("ascii"), dtype="<u1")[: row["name"].shape[0]]
-        row["type_id"] = type_ids[type(f)]
+    descriptors = np.zeros(len(FIELDS), dtype=FIELD_DESC_TYPE)
+    for row, (name, type_id, _) in zip(descriptors, FIELDS):
+        encoded = np.frombuffer(name.encode("ascii"), dtype="<u1")
+        row["type_id"] = type_id
         row["name"][: len(encoded)] = encoded
-        row["arguments"][:] = f.to_binary()[0]
     with open(path, "r+b" if keep_rest else "wb") as fp:
         fp.write(header.tobytes())
         fp.write(descriptors.tobytes())
-    return header, HeaderType.itemsize + descriptors.nbytes
+    return header, HEADER_TYPE.itemsize + descriptors.nbytes
 
 
-def encode_sample(allocator, metadata, i, image, jpeg: bool, opts: WriterOptions, label_field, label: int):
+class PageAllocator:
+    """Places samples in whole pages of the file, as ffcv's reader wants them (a sample never
+    straddles a page): each worker fills a page of its own in memory and writes it when full, at
+    its place in the file. The page counter is shared by the forked workers (made before the fork);
+    `report` (set in each worker) hears [(sample, offset, size)] of each page once it is written."""
+
+    def __init__(self, path, data_start: int, page_size: int, first_page: int, context):
+        self.path, self.data_start, self.page_size = str(path), data_start, page_size
+        self.next_page = context.Value(ctypes.c_uint64, first_page)
+        self.report = None
+        self._fd, self._buffer, self._page, self._used, self._placed = None, None, -1, 0, []
+
+    def __enter__(self):
+        self._fd = os.open(self.path, os.O_WRONLY)
+        self._buffer = np.zeros(self.page_size, dtype=np.uint8)
+        return self
+
+    def __exit__(self, *exc):
+        self.flush()
+        os.close(self._fd)
+
+    def place(self, sample: int, data: np.ndarray) -> int:
+        """Copy `data` into the current page, or a new one when it does not fit; its file offset."""
+        if data.nbytes > self.page_size:
+            raise ValueError(f"sample {sample}: {data.nbytes} bytes do not fit a page of {self.page_size}")
+        if self._page < 0 or self._used + data.nbytes > self.page_size:
+            self.flush()
+            with self.next_page.get_lock():
+                self._page = self.next_page.value
+                self.next_page.value += 1
+        offset = self.data_start + self._page * self.page_size + self._used
+        self._buffer[self._used:self._used + data.nbytes] = data
+        self._used += data.nbytes
+        self._placed.append((sample, offset, data.nbytes))
+        return offset
+
+    def flush(self) -> None:
+        """Write the current page (whole, zero-padded like ffcv's) and report its samples."""
+        if self._page < 0:
+            return
+        self._buffer[self._used:] = 0
+        os.pwrite(self._fd, self._buffer, self.data_start + self._page * self.page_size)
+        placed, self._placed, self._page, self._used = self._placed, [], -1, 0
+        if self.report is not None:
+            self.report(placed)
+
+
+def encode_sample(allocator: PageAllocator, metadata, i, image, jpeg: bool, opts: WriterOptions, label: int):
     """Write sample i (data into the allocator's page, metadata row i) in ffcv's RGBImageField
     layout (mode, width, height, data_ptr), JPEG-encoding it with our restart markers."""
-    from ffcv.fields.rgb_image import IMAGE_MODES
-
     image_column, label_column = metadata.dtype.names
     data = (encode_jpeg(image, opts.jpeg_quality, opts.restart_interval) if jpeg
             else np.ascontiguousarray(image).reshape(-1))
-    for attempt in (0, 1):  # a sample that straddles a page restarts on a new one
-        try:
-            allocator.set_current_sample(i)
-            row = metadata[image_column][i:i + 1]
-            row["mode"] = IMAGE_MODES["jpg" if jpeg else "raw"]
-            row["height"], row["width"] = image.shape[:2]
-            row["data_ptr"], storage = allocator.malloc(data.nbytes)
-            storage[:] = data
-            label_field.encode(metadata[label_column][i:i + 1], label, allocator.malloc)
-            return
-        except MemoryError:
-            if attempt:
-                raise
+    row = metadata[image_column][i:i + 1]
+    row["mode"] = IMAGE_MODES["jpg" if jpeg else "raw"]
+    row["height"], row["width"] = image.shape[:2]
+    row["data_ptr"] = allocator.place(i, data)
+    metadata[label_column][i] = label
 
 
 def finish_file(path, header, metadata_start, metadata, table, bad: set):

@@ -31,8 +31,6 @@ def write_dataset(data_dir, write_path, *, progress=True, **options) -> dict:
 def write(opts: WriterOptions, *, progress=True) -> dict:
     """`write_dataset` for options already checked: index -> checks -> partial file -> metadata
     -> rename (install.py)."""
-    import ffcv.fields  # noqa: F401  (imports torch: seconds that are not the writer's speed)
-
     with single_threaded_opencv():
         return _write(opts, progress)
 

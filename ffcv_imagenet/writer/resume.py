@@ -128,9 +128,9 @@ class Partial:
     def load(self, record: np.dtype, n: int) -> "Journal":
         """The journalled samples, the skipped ones, and the first free page; the file is cut after
         its last whole page."""
-        raw = self.journal.read_bytes() if self.journal.exists() else b""
-        whole = len(raw) // record.itemsize * record.itemsize
-        records = np.frombuffer(raw[:whole], dtype=record).copy()
+        size = self.journal.stat().st_size if self.journal.exists() else 0
+        records = np.fromfile(self.journal, dtype=record, count=size // record.itemsize) if size \
+            else np.zeros(0, dtype=record)  # a record cut by a kill is left out
         if len(records) and (records["sample"].max() >= n or records["sample"].min() < 0):
             raise WriterError(f"{self.journal}: sample numbers outside 0..{n - 1}; write again without cfg.resume")
         bad = {}

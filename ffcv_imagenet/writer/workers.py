@@ -14,7 +14,8 @@ import traceback
 
 import numpy as np
 
-from .beton import BetonStats, beton_fields, encode_sample, finish_file, write_header
+from .beton import (ALLOC_TABLE_TYPE, IMAGE_MODES, METADATA_TYPE, BetonStats, PageAllocator, align_to_page,
+                    encode_sample, finish_file, write_header)
 from .encode import decode_image, plan_proportion, store_as_jpeg
 from . import resume
 from .options import WriterError, WriterOptions
@@ -32,29 +33,8 @@ def _die_with_parent(parent_pid: int):
         os._exit(1)
 
 
-def journalled_allocator(path, data_offset: int, page_size: int, first_page: int):
-    """ffcv's page allocator, starting at page `first_page`, that tells `report` after each page it
-    wrote which samples are now in the file (defined here so that this module imports without ffcv)."""
-    from ffcv.memory_allocator import MemoryAllocator
-
-    class Allocator(MemoryAllocator):
-        def __init__(self):
-            super().__init__(str(path), data_offset, page_size)
-            self.next_page_allocated.value = self.next_page_written.value = first_page
-            self.report, self.reported = None, 0
-
-        def flush_page(self):
-            super().flush_page()  # the page is in the file (pages go in order): its samples are done
-            new = self.allocations[self.reported:]
-            self.reported = len(self.allocations)
-            if new and self.report is not None:
-                self.report(new)
-
-    return Allocator()
-
-
-def _worker(worker_id, parent_pid, index, opts, jpeg_plan, fields, metadata_buffer, metadata_type,
-            record, allocator, tasks, results):
+def _worker(worker_id, parent_pid, index, opts, jpeg_plan, metadata_buffer, record, allocator,
+            tasks, results):
     """Encode the samples of each chunk from `tasks` until None; report on `results`:
     ("done", count) per chunk, ("bad", i, file, error) per undecodable image, ("written", records)
     after each page written (resume.record_type rows), then ("finished", worker_id) or ("crash",
@@ -68,7 +48,7 @@ def _worker(worker_id, parent_pid, index, opts, jpeg_plan, fields, metadata_buff
         import cv2
 
         cv2.setNumThreads(1)
-        metadata = np.frombuffer(metadata_buffer, dtype=metadata_type)
+        metadata = np.frombuffer(metadata_buffer, dtype=METADATA_TYPE)
         allocator.report = lambda allocations: results.put(
             ("written", journal_records(allocations, metadata, record).tobytes()))
         with allocator:
@@ -81,8 +61,7 @@ def _worker(worker_id, parent_pid, index, opts, jpeg_plan, fields, metadata_buff
                         continue
                     jpeg = store_as_jpeg(opts.write_mode, image.shape[0], image.shape[1],
                                          opts.smart_threshold, jpeg_plan[i])
-                    encode_sample(allocator, metadata, i, image, jpeg, opts,
-                                  fields["label"], int(index.labels[i]))
+                    encode_sample(allocator, metadata, i, image, jpeg, opts, int(index.labels[i]))
                 results.put(("done", len(chunk)))
         results.put(("finished", worker_id))
     except BaseException:
@@ -106,56 +85,49 @@ def write_beton(partial: Partial, index: ImageIndex, opts: WriterOptions, page_s
                 progress: bool) -> tuple:
     """Encode every image of `index` into partial.path (opts.num_workers processes), continuing a
     kept unfinished write when opts.resume; returns (BetonStats, notes)."""
-    from ffcv.types import get_metadata_type
-    from ffcv.utils import align_to_page
-
     n = len(index)
-    fields = beton_fields(opts)
-    metadata_type = get_metadata_type(list(fields.values()))
-    record = resume.record_type(metadata_type)
-    journal, notes = resume.open_write(partial, resume.identity(opts, index, page_size, metadata_type),
+    record = resume.record_type(METADATA_TYPE)
+    journal, notes = resume.open_write(partial, resume.identity(opts, index, page_size, METADATA_TYPE),
                                        opts.resume, record, n)
-    header, metadata_start = write_header(partial.path, n, fields, page_size,
+    header, metadata_start = write_header(partial.path, n, page_size,
                                           keep_rest=partial.path.exists() and bool(len(journal.records)))
-    data_start = align_to_page(metadata_start + n * metadata_type.itemsize, page_size)
+    data_start = align_to_page(metadata_start + n * METADATA_TYPE.itemsize, page_size)
     first_page = resume.cut_to_pages(partial.path, data_start, page_size, journal)
+    context = multiprocessing.get_context("fork")
     # Anonymous shared memory: inherited by the forked workers, gone with the processes
     # (no /dev/shm segment to leak on SIGKILL, unlike multiprocessing.shared_memory).
-    metadata_buffer = mmap.mmap(-1, max(1, n * metadata_type.itemsize))
-    allocator = journalled_allocator(partial.path, metadata_start + n * metadata_type.itemsize,
-                                     page_size, first_page)
+    metadata_buffer = mmap.mmap(-1, max(1, n * METADATA_TYPE.itemsize))
+    allocator = PageAllocator(partial.path, data_start, page_size, first_page, context)
     if opts.write_mode == "proportion":
         jpeg_plan = plan_proportion(n, opts.compress_probability)
     else:
         jpeg_plan = np.zeros(n, dtype=bool)
     pending = np.flatnonzero(~journal.done_mask(n))
-    worker_args = (index, opts, jpeg_plan, fields, metadata_buffer, metadata_type, record, allocator)
-    bad = _run_workers(pending, n, opts, worker_args, partial, journal, progress)
-    return _finish(partial, header, metadata_start, metadata_type, resume.load_records(partial, record, n),
-                   bad, n), notes
+    del journal.records  # read again, whole, at the end; not held through the write
+    worker_args = (index, opts, jpeg_plan, metadata_buffer, record, allocator)
+    bad = _run_workers(context, pending, n, opts, worker_args, partial, journal.bad, progress)
+    return _finish(partial, header, metadata_start, resume.load_records(partial, record, n), bad, n), notes
 
 
-def _finish(partial: Partial, header, metadata_start: int, metadata_type, records: np.ndarray,
-            bad: dict, n: int) -> BetonStats:
+def _finish(partial: Partial, header, metadata_start: int, records: np.ndarray, bad: dict, n: int) -> BetonStats:
     """The metadata and allocation tables from the journal, written at the end of the file."""
-    from ffcv.types import ALLOC_TABLE_TYPE
-
     if len(bad) == n:
         raise WriterError(f"none of the {n} images could be decoded; first: {bad[min(bad)]}")
-    metadata = np.zeros(n, dtype=metadata_type)
+    metadata = np.zeros(n, dtype=METADATA_TYPE)
     metadata.view(records.dtype["row"])[records["sample"]] = records["row"]
     table = np.zeros(len(records), dtype=ALLOC_TABLE_TYPE)
     table["sample_id"], table["ptr"], table["size"] = records["sample"], records["ptr"], records["size"]
+    del records
     metadata = finish_file(partial.path, header, metadata_start, metadata, table, set(bad))
-    image_meta = metadata[metadata_type.names[0]]
-    num_jpeg = int(np.sum(image_meta["mode"] == 0))  # ffcv: 0 = jpg, 1 = raw
+    image_meta = metadata[METADATA_TYPE.names[0]]
+    num_jpeg = int(np.sum(image_meta["mode"] == IMAGE_MODES["jpg"]))
     return BetonStats(num_samples=len(metadata), num_raw=len(metadata) - num_jpeg,
                       num_jpeg=num_jpeg, skipped=[bad[i] for i in sorted(bad)],
                       widths=image_meta["width"].copy(), heights=image_meta["height"].copy())
 
 
-def _run_workers(pending: np.ndarray, n: int, opts: WriterOptions, worker_args: tuple, partial: Partial,
-                 journal, progress: bool) -> dict:
+def _run_workers(context, pending: np.ndarray, n: int, opts: WriterOptions, worker_args: tuple,
+                 partial: Partial, journalled_bad: dict, progress: bool) -> dict:
     """Encode the `pending` samples in chunks with worker processes, journalling each page written,
     showing a progress bar that starts at what an earlier attempt wrote.
 
@@ -165,14 +137,13 @@ def _run_workers(pending: np.ndarray, n: int, opts: WriterOptions, worker_args: 
     """
     from ..progress import progress as progress_bar
 
-    bad = dict(journal.bad)
+    bad = dict(journalled_bad)
     if bad and not opts.skip_bad:
         first = bad[min(bad)]
         raise WriterError(f"{first['file']}: skipped as undecodable by the unfinished write this "
                           "resumes (it ran with cfg.skip_bad=1); resume with --cfg.skip_bad=1 too")
     if not len(pending):
         return bad
-    context = multiprocessing.get_context("fork")
     tasks, results = context.Queue(), context.Queue()
     num_workers = max(1, min(opts.num_workers, math.ceil(len(pending) / opts.chunk_size)))
     for start in range(0, len(pending), opts.chunk_size):
@@ -182,7 +153,7 @@ def _run_workers(pending: np.ndarray, n: int, opts: WriterOptions, worker_args: 
     workers = [context.Process(target=_worker, daemon=True,
                                args=(w, os.getpid(), *worker_args, tasks, results))
                for w in range(num_workers)]
-    record, finished = worker_args[6], set()
+    record, finished = worker_args[4], set()
     try:
         for w in workers:
             w.start()

@@ -233,16 +233,25 @@ def make_index(root, names, offsets, sizes, labels, wnids, source) -> ImageIndex
     if not isinstance(names, np.ndarray):
         names = np.array([os.fsencode(n) for n in names], dtype=bytes)
     labels = np.asarray(labels, dtype=np.int64)
+    offsets, sizes = np.asarray(offsets, dtype=np.int64), np.asarray(sizes, dtype=np.int64)
     order = np.lexsort((names, labels))
-    return ImageIndex(
-        root=str(root),
-        names=names[order],
-        offsets=np.asarray(offsets, dtype=np.int64)[order],
-        sizes=np.asarray(sizes, dtype=np.int64)[order],
-        labels=labels[order],
-        wnids=list(wnids),
-        source=source,
-    )
+    if np.any(order != np.arange(len(order))):  # in order already (a tar's members often are): no copy
+        names, offsets, sizes, labels = names[order], offsets[order], sizes[order], labels[order]
+    del order
+    release_freed_memory()
+    return ImageIndex(root=str(root), names=names, offsets=offsets, sizes=sizes, labels=labels,
+                      wnids=list(wnids), source=source)
+
+
+def release_freed_memory() -> None:
+    """Give the C heap's free pages back to the system (glibc keeps what the index's temporaries
+    freed, so the parent's RSS would stay at the indexing peak through the whole write)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc
 
 
 _open_files = {}
