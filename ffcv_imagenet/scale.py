@@ -204,10 +204,9 @@ def peak_rss_mb(who=resource.RUSAGE_SELF) -> float:
 def probe_write(data_dir: str, write_path: str, split: str, val_labels: str, workers: int,
                 options=None) -> dict:
     """Write one source; the writer's own timings, and the peak RSS of this (parent) process and
-    of its largest worker (forked: its RSS counts the pages it shares with the parent)."""
+    of its largest worker (forked: its RSS counts the pages it shares with the parent). The writer
+    imports neither torch nor ffcv, and neither does this."""
     from .writer import write_dataset
-
-    import ffcv.fields  # noqa: F401  (as the writer does before it starts: not the writer's memory)
 
     before_mb = rss_mb()
     summary = write_dataset(data_dir, write_path, split=split, val_labels=val_labels,
