@@ -173,7 +173,7 @@ def _range_help(low, high):
 def declare() -> Config:
     """Declare every section and key on a fresh fastargs Config (no global state). Choice lists
     come from the modules that implement the choices."""
-    from ffcv_imagenet.data import DECODERS
+    from ffcv_imagenet.data import DECODERS, ORDERS
     from ffcv_imagenet.models import ACTIVATIONS, STEM_POOLS
     from ffcv_imagenet.optim import OPTIMIZERS
     from ffcv_imagenet.schedules import SCHEDULE_ALIASES, SCHEDULES
@@ -190,7 +190,7 @@ def declare() -> Config:
         num_workers=Param(StrictInt(min=0), "decoding threads per process; 0 = CPU cores / processes on the node", default=0),
         in_memory=Param(StrictBool(), "os_cache: keep the file in the page cache (needs the RAM for it)", default=True),
         decoder=Param(Choice(*DECODERS), "train JPEG decoder: crop_first decodes only what the crop box needs (fastest, same boxes); ffcv = stock RandomResizedCrop", default="crop_first"),
-        order=Param(Choice("random", "quasi_random"), "train sample order; quasi_random reads pages in near-sequence (for files larger than RAM)", default="random"),
+        order=Param(Choice(*ORDERS), "train sample order; quasi_random reads pages in near-sequence (for files larger than RAM)", default="random"),
     )
     section(
         "lr", "learning rate and its schedule (updated every iteration)",

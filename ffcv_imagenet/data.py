@@ -139,6 +139,7 @@ def _on_device(loader: Loader, device) -> Loader:
 # --------------------------------------------------------------------------- decoders
 
 DECODERS = ("crop_first", "ffcv")
+ORDERS = ("random", "quasi_random")  # train sample orders (ShardedOrder)
 
 
 def train_decoder(resolution_px: int, scale, ratio, *, seed: int = 0, deterministic: bool = False,
@@ -392,6 +393,8 @@ def create_train_loader(path, *, batch_size: int, resolution_px: int, num_worker
     torch_threads = torch_threads or torch.get_num_threads()
     decoder = decoder_factory(resolution_px, scale, ratio, seed=seed, deterministic=deterministic,
                               kind=decoder)
+    if order not in ORDERS:
+        raise ValueError(f"order={order!r}: expected one of {', '.join(ORDERS)}")
     loader = _on_device(Loader(
         path, batch_size=batch_size, num_workers=num_workers, os_cache=in_memory,
         order=_OrderFactory(quasi_random=(order == "quasi_random"), rank=rank, world_size=world_size),

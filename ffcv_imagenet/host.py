@@ -36,25 +36,30 @@ def memory_available_bytes() -> int:
 
 
 def cgroup_memory_room_bytes(proc_cgroup="/proc/self/cgroup", root="/sys/fs/cgroup") -> "int | None":
-    """The memory limit of this process's cgroup less the anonymous memory charged to it (cgroup v2
-    `memory.max`, or v1 `memory.limit_in_bytes`); None when no limit applies or none can be read."""
+    """The smallest room (memory limit less the anonymous memory charged) of this process's
+    memory cgroup and the cgroups above it (a SLURM job's limit sits on the job's, above the
+    step's): cgroup v2 `memory.max`, or v1 `memory.limit_in_bytes`; None when no limit applies or
+    none can be read."""
     try:
         with open(proc_cgroup) as f:
             lines = [line.rstrip("\n").split(":", 2) for line in f]
     except OSError:
         return None
+    rooms = []
     for _, controllers, path in lines:
         if controllers == "":  # v2: "0::/path", under the unified mount
-            for mount in (root, os.path.join(root, "unified")):
-                folder = os.path.join(mount, path.lstrip("/"))
-                room = _room(folder, "memory.max", "anon")
-                if room is not None:
-                    return room
+            mounts, limit_file, anon_key = (root, os.path.join(root, "unified")), "memory.max", "anon"
         elif "memory" in controllers.split(","):
-            room = _room(os.path.join(root, "memory", path.lstrip("/")), "memory.limit_in_bytes", "total_rss")
-            if room is not None:
-                return room
-    return None
+            mounts, limit_file, anon_key = (os.path.join(root, "memory"),), "memory.limit_in_bytes", "total_rss"
+        else:
+            continue
+        parts = [p for p in path.split("/") if p]
+        for mount in mounts:
+            for depth in range(len(parts), -1, -1):  # this cgroup, then each one above it
+                room = _room(os.path.join(mount, *parts[:depth]), limit_file, anon_key)
+                if room is not None:
+                    rooms.append(room)
+    return min(rooms) if rooms else None
 
 
 def _room(folder: str, limit_file: str, anon_key: str) -> "int | None":

@@ -19,8 +19,10 @@ import numpy as np
 from ffcv_imagenet.command import Command, Option, Positional
 from ffcv_imagenet.host import cpu_cores
 
-JPEG_MODE, RAW_MODE = 0, 1  # ffcv's IMAGE_MODES
-CURRENT_FORMAT = 2  # ffcv.types.CURRENT_VERSION, the header version ffcv 1.0 writes
+from ffcv_imagenet.writer.beton import CURRENT_VERSION as CURRENT_FORMAT
+from ffcv_imagenet.writer.beton import IMAGE_MODES
+
+JPEG_MODE, RAW_MODE = IMAGE_MODES["jpg"], IMAGE_MODES["raw"]
 NAMES_SHOWN = 5  # source names listed by inspect
 
 

@@ -34,7 +34,6 @@ from .host import cpu_cores
 TRAIN_LAYOUTS = ("folder", "class_tars")
 VAL_LAYOUTS = ("val_folder", "val_tar")
 LAYOUTS = TRAIN_LAYOUTS + VAL_LAYOUTS
-TRAIN_ORDERS = ("random", "quasi_random")
 PARTS = ("layouts", "memory")
 POOL_QUALITY = 90
 
@@ -288,7 +287,9 @@ def measure_layout(layout: str, samples: int, args, pool: list, workdir: Path, l
     rows = []
     ranks = args.ranks if split == "train" else 1
     batch_size = max(1, min(args.batch_size, samples // ranks))  # a small N still yields a batch
-    for order in TRAIN_ORDERS if split == "train" else ("sequential",):
+    from .data import ORDERS
+
+    for order in ORDERS if split == "train" else ("sequential",):
         read = in_fresh_process("probe_loader", beton, order, ranks, batch_size, args.workers)
         log(f"[scale] {layout} {samples:,} {order}: start-up {read['loader_startup_s']:.2f} s, "
             f"epoch overhead {read['epoch_overhead_s'] * 1e3:.1f} ms")
@@ -515,32 +516,47 @@ def render_readme(files: list, readme: Path) -> str:
 
 def _render(result: dict, path) -> str:
     m = result["machine"]
-    out = [f"`{path}`: {result['date']}, {m['cpu']} ({m['cores']} cores, {m['ram_gb']} GB RAM), "
+    out = [f"`{path}` ({result['date']}, {m['cpu']}, {m['cores']} cores, {m['ram_gb']} GB RAM): "
            f"`{result['command']}`"]
     if result["rows"]:
-        out += ["", "| layout | samples | index s (µs/sample) | write img/s | parent peak RSS MB (+ while "
-                "writing) | worker peak RSS MB | file GB | loader start-up s, random / quasi | "
-                "epoch overhead ms, random / quasi |", "|---|---|---|---|---|---|---|---|---|"]
-        for (layout, n), rows in _by_layout(result["rows"]).items():
-            first = rows[0]
-            start = " / ".join(f"{r['loader_startup_s']:.1f}" for r in rows)
-            epoch = " / ".join(f"{r['epoch_overhead_s'] * 1e3:.1f}" for r in rows)
-            out.append(f"| {layout} | {n:,} | {first['index_s']:.2f} ({first['index_us_per_sample']:.1f}) | "
-                       f"{first['write_img_s']:,.0f} | {first['parent_rss_mb']:,.0f} "
-                       f"(+{first['parent_rss_mb'] - first['parent_rss_before_mb']:,.0f}) | "
-                       f"{first['worker_rss_mb']:,.0f} | {first['bytes'] / 1e9:.2f} | {start} | {epoch} |")
-        growth_text = "; ".join(f"{k}: index {g['index_s']}x, RSS {g['parent_rss']}x, epoch {g['epoch_overhead_s']}x"
+        out += ["", "| layout | samples | index µs/sample | write img/s | writer parent peak RSS MB | "
+                "worker peak RSS MB | loader start-up s | per-epoch work ms, random (val: sequential) | quasi_random |",
+                "|---|---|---|---|---|---|---|---|---|"]
+        for layout, rows in _by_layout(result["rows"]).items():
+            firsts = [r for r in rows if r["order"] == rows[0]["order"]]
+
+            def cells(f, fmt):
+                return " / ".join(fmt(f(r)) for r in firsts)
+
+            orders = (list(dict.fromkeys(r["order"] for r in rows)) + [""])[:2]  # as measured: data.ORDERS
+            epoch = " | ".join(" / ".join(_order(rows, r["samples"], order) for r in firsts) for order in orders)
+            out.append(f"| {layout} | {cells(lambda r: r['samples'], _count)} | "
+                       f"{cells(lambda r: r['index_us_per_sample'], lambda v: f'{v:.1f}')} | "
+                       f"{cells(lambda r: r['write_img_s'], lambda v: f'{v:,.0f}')} | "
+                       f"{cells(lambda r: r['parent_rss_mb'], lambda v: f'{v:,.0f}')} | "
+                       f"{cells(lambda r: r['worker_rss_mb'], lambda v: f'{v:,.0f}')} | "
+                       f"{cells(lambda r: r['loader_startup_s'], lambda v: f'{v:.1f}')} | {epoch} |")
+        growth_text = "; ".join(f"{k.split('/')[0]} {g['index_s']}x index, {g['parent_rss']}x RSS growth"
                                 for k, g in result.get("growth", {}).items() if k.endswith("/random"))
-        out += ["", f"Per-sample cost at the largest N over the smallest: {growth_text}."]
+        out += ["", f"Per sample, largest N over smallest: {growth_text}."]
     if result.get("memory"):
         out += ["", *_render_memory(result["memory"])]
     return "\n".join(out)
 
 
+def _count(n: int) -> str:
+    return f"{n / 1e6:.2f} M" if n >= 10**6 else f"{n / 1e3:g} k"
+
+
+def _order(rows: list, samples: int, order: str) -> str:
+    r = next((r for r in rows if r["samples"] == samples and r["order"] == order), None)
+    return "—" if r is None else f"{r['epoch_overhead_s'] * 1e3:.1f}"
+
+
 def _by_layout(rows: list) -> dict:
     grouped = {}
     for r in rows:
-        grouped.setdefault((r["layout"], r["samples"]), []).append(r)
+        grouped.setdefault(r["layout"], []).append(r)
     return grouped
 
 

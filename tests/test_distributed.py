@@ -56,3 +56,30 @@ def test_backend_is_nccl_for_one_process_per_gpu_else_gloo(monkeypatch):
     assert distributed.choose_backend(False, 1) == "gloo"
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     assert distributed.choose_backend(True, 2) == "gloo"
+
+
+def test_cgroup_memory_room_is_the_smallest_of_the_cgroup_and_those_above(tmp_path):
+    """v1 and v2 layouts under a fake /sys/fs/cgroup: a limit on a parent (a SLURM job's) counts,
+    anonymous memory is taken off, no limit anywhere gives None."""
+    from ffcv_imagenet.host import cgroup_memory_room_bytes
+
+    root = tmp_path / "cgroup"
+    job = root / "unified" / "slurm" / "job_7"
+    step = job / "step_0"
+    step.mkdir(parents=True)
+    (job / "memory.max").write_text(str(8 * 2**30))
+    (job / "memory.stat").write_text(f"anon {2**30}\nfile 5\n")
+    (step / "memory.max").write_text("max\n")
+    (step / "memory.stat").write_text("anon 0\n")
+    proc = tmp_path / "cgroup.txt"
+    proc.write_text("0::/slurm/job_7/step_0\n")
+    assert cgroup_memory_room_bytes(proc, root) == 7 * 2**30
+    v1 = root / "memory" / "docker" / "abc"
+    v1.mkdir(parents=True)
+    (v1 / "memory.limit_in_bytes").write_text(str(3 * 2**30))
+    (v1 / "memory.stat").write_text(f"cache 100\ntotal_rss {2**29}\n")
+    proc.write_text("4:memory:/docker/abc\n0::/slurm/job_7/step_0\n")
+    assert cgroup_memory_room_bytes(proc, root) == 3 * 2**30 - 2**29
+    (v1 / "memory.limit_in_bytes").write_text(str(2**63 - 4096))  # v1's "no limit"
+    proc.write_text("4:memory:/docker/abc\n")
+    assert cgroup_memory_room_bytes(proc, root) is None

@@ -17,6 +17,7 @@ SECTIONS = {
     "imagenette": ("report", ["results/imagenette", "--report.targets=70,80,82,90", "--report.plots=0",
                               "--report.readme_runs=0"]),
     "check": ("check", ["--check.render=results/check,results/gpu"]),
+    "scale": ("scale", ["--scale.render=results/scale/scale.json,results/scale/memory.json"]),
 }
 
 
@@ -27,6 +28,10 @@ def regenerate(section: str, readme: Path, out: Path) -> int:
 
         return report.main([*args, f"--report.out={out}", f"--report.readme={readme}",
                             f"--report.section={section}"])
+    if command == "scale":
+        from ffcv_imagenet import scale
+
+        return scale.main([*args, f"--scale.readme={readme}"])
     from ffcv_imagenet import check
 
     return check.main([*args, f"--check.readme={readme}"])

@@ -38,8 +38,9 @@ def test_scale_rows_growth_and_readme_table(tmp_path, capsys):
     readme.write_text("# x\n<!-- report:scale start -->\n<!-- report:scale end -->\ntail\n")
     assert scale.main([f"--scale.render={out}", f"--scale.readme={readme}"]) == 0
     text = readme.read_text()
-    assert "| folder | 600 |" in text and "| val_tar | 120 |" in text and text.endswith("tail\n")
-    assert "Per-sample cost at the largest N over the smallest: folder/random: index" in text
+    assert "| folder | 0.3 k / 0.6 k |" in text and "| val_tar | 0.12 k |" in text and text.endswith("tail\n")
+    growth = result["growth"]["folder/random"]
+    assert f"Per sample, largest N over smallest: folder {growth['index_s']}x index" in text
 
 
 def test_memory_cgroup_limits_a_process(tmp_path):

@@ -129,3 +129,16 @@ def test_two_writers_never_share_a_destination(tmp_path):
     second.lock()  # free again once the first let go
     second.unlock()
     assert hidden(tmp_path) == []
+
+
+def test_a_journal_record_cut_by_the_kill_is_dropped_not_shifted(tmp_path, sources, references):
+    """A kill in the middle of a journal append leaves part of a record: the resume drops it (and
+    appends after the whole ones), so no later record is read shifted."""
+    beton = tmp_path / "train.beton"
+    assert write(sources["folder"], beton, kill_at="journal:1").returncode == -9
+    journal = tmp_path / f".{beton.name}.partial.journal"
+    with open(journal, "ab") as f:
+        f.write(b"\x07" * 16)  # a third of a 48-byte record
+    resumed = write(sources["folder"], beton, "--cfg.resume=1")
+    assert resumed.returncode == 0, resumed.stderr
+    assert samples(beton) == references["folder"]

@@ -103,7 +103,12 @@ class PageAllocator:
         if self._page < 0:
             return
         self._buffer[self._used:] = 0
-        os.pwrite(self._fd, self._buffer, self.data_start + self._page * self.page_size)
+        offset, view = self.data_start + self._page * self.page_size, memoryview(self._buffer)
+        while len(view):  # pwrite may write less (a full disk says so only on the next call)
+            written = os.pwrite(self._fd, view, offset)
+            offset, view = offset + written, view[written:]
+        # on the disk before its samples are journalled: a resume after a power cut finds them
+        os.fdatasync(self._fd)
         placed, self._placed, self._page, self._used = self._placed, [], -1, 0
         if self.report is not None:
             self.report(placed)

@@ -11,7 +11,7 @@ from .encode import check_free_space, estimate_output_bytes, page_size_for, sing
 from .install import (install, metadata_record, prepare_destination, raise_terminated,
                       remove_stale_partials, threading_is_main)
 from .options import WriterError, WriterOptions, check_options
-from .resume import Partial, crash_point
+from .resume import Partial, ResumeRefused, crash_point
 from .sources import index_input, take_subset
 from .workers import write_beton
 
@@ -38,11 +38,13 @@ def write(opts: WriterOptions, *, progress=True) -> dict:
 def _write(opts: WriterOptions, progress: bool) -> dict:
     started_s = time.time()
     partial = Partial(Path(opts.write_path).absolute())
-    partial.remove_if_installed()
-    destination = prepare_destination(opts)
     partial.lock()
     try:
+        partial.remove_if_installed()
+        destination = prepare_destination(opts)
         return _write_locked(opts, destination, partial, started_s, progress)
+    except ResumeRefused:
+        raise
     except BaseException:
         if progress and partial.exists():
             print(f"ffcv-imagenet write: kept the unfinished write ({partial.path}): the same command "
@@ -63,7 +65,8 @@ def _write_locked(opts: WriterOptions, destination, partial: Partial, started_s:
         raise WriterError(f"cfg.data_dir={opts.data_dir}: no images to write")
     page_size = page_size_for(opts.max_resolution)
     estimated_bytes = estimate_output_bytes(index, opts, page_size)
-    check_free_space(destination.parent, estimated_bytes)
+    # a kept partial already holds part of the file (resume), or is removed before writing (not)
+    check_free_space(destination.parent, estimated_bytes - partial.bytes_on_disk())
 
     previous_sigterm = None
     if threading_is_main():
@@ -77,8 +80,8 @@ def _write_locked(opts: WriterOptions, destination, partial: Partial, started_s:
         meta = {**metadata_record(index, opts, stats, num_bytes, images_found),
                 "fingerprint": fingerprint(partial.path),
                 # the sidecar goes in before the metadata that records its hash (names.py)
-                "names": write_names(destination, kept_names(index, stats.skipped))}
-        meta_file = install(partial.path, destination, meta)
+                "names": write_names(destination, kept_names(index, stats.skipped), to=partial.names_file)}
+        meta_file = install(partial.path, destination, meta, partial.names_file)
         crash_point("installed")
         partial.remove()
     finally:

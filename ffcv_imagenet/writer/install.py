@@ -77,17 +77,20 @@ def metadata_record(index: ImageIndex, opts: WriterOptions, stats: BetonStats, n
     }
 
 
-def install(temp: Path, destination: Path, meta: dict) -> Path:
+def install(temp: Path, destination: Path, meta: dict, names_file: Path) -> Path:
     """Put the finished partial file and its metadata at the destination; returns the metadata path.
 
-    New metadata (renamed in), then the new .beton renamed over the old one: each an atomic
-    rename, and the old file stays at the destination until the new one replaces it. A crash
-    between the two leaves the old .beton with the new metadata, which the fingerprint in it
-    tells apart (training refuses the pair by name), and the finished partial.
+    New metadata (renamed in), the source names, then the new .beton renamed over the old one:
+    each an atomic rename, and the old file stays at the destination until the new one replaces
+    it. A crash between them leaves the old .beton with the new metadata (and names), which the
+    fingerprint in it tells apart (training refuses the pair by name), and the finished partial.
     """
     from ffcv_imagenet.metadata import write_metadata
 
+    from ffcv_imagenet.names import names_path
+
     meta_file = write_metadata(destination, meta)
+    os.replace(names_file, names_path(destination))
     os.replace(temp, destination)
     _fsync_folder(destination.parent)
     return meta_file

@@ -10,7 +10,8 @@ Beside the destination `X`, while it is written:
   data pointer, size, its metadata row), appended by the parent after the worker wrote the page:
   a sample is in the journal only once its bytes are. A record cut by a kill is dropped on read;
 - `.X.partial.bad`: JSON lines of the images skipped as undecodable (skip_bad);
-- `.X.partial.lock`: held (flock) while a writer works on X, so two writers never share it.
+- `.X.partial.lock`: held (flock) while a writer works on X, so two writers never share it;
+- `.X.partial.names.gz`: the source names (names.py), renamed in with the .beton.
 
 Resuming keeps the journalled samples, cuts the file after its last whole page (a page cut by the
 kill, and tables a finished-but-not-installed write appended, go) and encodes the rest into new
@@ -32,6 +33,11 @@ import numpy as np
 from .options import WriterError, WriterOptions
 
 FORMAT = 1
+
+
+class ResumeRefused(WriterError):
+    """cfg.resume=1 cannot continue the kept write (other options, another source, damage)."""
+
 # test hook: SIGKILL this writer at a named point ("state", "journal:N" after the N-th journal
 # append, "finished", "installed"), so that a test can stop a write at each stage
 KILL_AT_ENV = "FFCV_IMAGENET_TEST_WRITER_KILL_AT"
@@ -73,19 +79,27 @@ class Partial:
         self.destination = destination
         base = destination.with_name(f".{destination.name}.partial")
         self.path = base
-        self.state, self.journal, self.bad_file, self.lock_file = (
-            base.with_name(base.name + suffix) for suffix in (".json", ".journal", ".bad", ".lock"))
+        self.state, self.journal, self.bad_file, self.lock_file, self.names_file = (
+            base.with_name(base.name + suffix) for suffix in (".json", ".journal", ".bad", ".lock", ".names.gz"))
         self._lock_fd, self._appended = None, 0
 
     def lock(self) -> None:
-        fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 100).decode(errors="replace").strip() or "another process"
-            os.close(fd)
-            raise WriterError(f"{self.destination} is being written by {holder} (lock "
-                              f"{self.lock_file}); wait for it or stop it") from None
+        while True:
+            fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 100).decode(errors="replace").strip() or "another process"
+                os.close(fd)
+                raise WriterError(f"{self.destination} is being written by {holder} (lock "
+                                  f"{self.lock_file}); wait for it or stop it") from None
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.lock_file).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)  # locked a file its holder removed as it finished: lock the new one
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()}\n".encode(), 0)
         self._lock_fd = fd
@@ -99,8 +113,15 @@ class Partial:
     def exists(self) -> bool:
         return self.state.exists()
 
+    def bytes_on_disk(self) -> int:
+        """Disk space the kept partial holds (0 without one)."""
+        try:
+            return os.stat(self.path).st_blocks * 512 if self.exists() else 0
+        except FileNotFoundError:
+            return 0
+
     def remove(self) -> None:
-        for path in (self.path, self.journal, self.bad_file, self.state):
+        for path in (self.path, self.journal, self.bad_file, self.names_file, self.state):
             path.unlink(missing_ok=True)
 
     def done_count(self, record: np.dtype) -> int:
@@ -120,22 +141,28 @@ class Partial:
         try:
             kept = json.loads(self.state.read_text())
         except (OSError, ValueError) as e:
-            raise WriterError(f"{self.state}: unreadable ({e}); write again without cfg.resume") from None
+            raise ResumeRefused(f"{self.state}: unreadable ({e}); write again without cfg.resume") from None
         for key, value in wanted.items():
             if kept.get(key) != value:
-                raise WriterError(_difference(self, key, kept.get(key), value))
+                raise ResumeRefused(_difference(self, key, kept.get(key), value))
 
     def load(self, record: np.dtype, n: int) -> "Journal":
         """The journalled samples, the skipped ones, and the first free page; the file is cut after
         its last whole page."""
         size = self.journal.stat().st_size if self.journal.exists() else 0
-        records = np.fromfile(self.journal, dtype=record, count=size // record.itemsize) if size \
-            else np.zeros(0, dtype=record)  # a record cut by a kill is left out
+        whole = size // record.itemsize
+        if size != whole * record.itemsize:  # a record cut by a kill: gone, or later ones would shift
+            os.truncate(self.journal, whole * record.itemsize)
+        records = np.fromfile(self.journal, dtype=record, count=whole) if whole else np.zeros(0, dtype=record)
         if len(records) and (records["sample"].max() >= n or records["sample"].min() < 0):
-            raise WriterError(f"{self.journal}: sample numbers outside 0..{n - 1}; write again without cfg.resume")
+            raise ResumeRefused(f"{self.journal}: sample numbers outside 0..{n - 1}; write again without cfg.resume")
         bad = {}
         if self.bad_file.exists():
-            for line in self.bad_file.read_text().splitlines():
+            text = self.bad_file.read_text()
+            if not text.endswith("\n"):  # a line cut by a kill: that image is tried again
+                text = text[:text.rfind("\n") + 1]
+                self.bad_file.write_text(text)
+            for line in text.splitlines():
                 try:
                     item = json.loads(line)
                 except ValueError:
@@ -202,7 +229,7 @@ def cut_to_pages(path: Path, data_start: int, page_size: int, journal: Journal) 
     end = data_start + pages * page_size
     records = journal.records
     if len(records) and int((records["ptr"] + records["size"]).max()) > end:
-        raise WriterError(f"{path}: the journal names data past the file's last whole page (was the "
+        raise ResumeRefused(f"{path}: the journal names data past the file's last whole page (was the "
                           "file cut or replaced?); write again without cfg.resume")
     os.truncate(path, min(size, end))
     return pages

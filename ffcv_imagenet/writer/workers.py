@@ -113,6 +113,10 @@ def _finish(partial: Partial, header, metadata_start: int, records: np.ndarray, 
     """The metadata and allocation tables from the journal, written at the end of the file."""
     if len(bad) == n:
         raise WriterError(f"none of the {n} images could be decoded; first: {bad[min(bad)]}")
+    missing = n - len(bad) - len(np.unique(records["sample"]))
+    if missing or len(records) != len(np.unique(records["sample"])):
+        raise WriterError(f"{partial.journal}: {len(records)} journal records for {n - len(bad)} samples "
+                          f"({missing} missing); write again without cfg.resume")
     metadata = np.zeros(n, dtype=METADATA_TYPE)
     metadata.view(records.dtype["row"])[records["sample"]] = records["row"]
     table = np.zeros(len(records), dtype=ALLOC_TABLE_TYPE)

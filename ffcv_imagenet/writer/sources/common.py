@@ -224,7 +224,13 @@ class Columns:
         self._flush()
         if not self._chunks:
             return (np.array([], dtype=bytes), *(np.array([], dtype=np.int64) for _ in range(3)))
-        return tuple(np.concatenate(column) for column in zip(*self._chunks))
+        columns = [list(column) for column in zip(*self._chunks)]
+        self._chunks = []
+        out = []
+        for k in range(len(columns)):  # one column at a time, its chunks dropped once joined
+            out.append(np.concatenate(columns[k]))
+            columns[k] = None
+        return tuple(out)
 
 
 def make_index(root, names, offsets, sizes, labels, wnids, source) -> ImageIndex:

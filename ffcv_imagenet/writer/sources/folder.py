@@ -50,4 +50,5 @@ def _images_under(root: Path, class_dir: str):
     for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
         dirnames[:] = sorted(n for n in dirnames if not n.startswith("."))
         prefix = class_dir + dirpath[len(top):] + os.sep  # relpath's work, once per folder
-        yield from (prefix + n for n in filenames if is_image_name(n) and not n.startswith("."))
+        # sorted, so that a tree of sorted class folders is indexed in the file's order (no copy)
+        yield from (prefix + n for n in sorted(filenames) if is_image_name(n) and not n.startswith("."))

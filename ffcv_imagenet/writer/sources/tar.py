@@ -81,7 +81,11 @@ def _data_members(tar: tarfile.TarFile, where, bar=None):
             if target is None:
                 raise WriterError(f"{where}: {member.name} is a hard link to {member.linkname}, "
                                   "which is not a file earlier in the archive")
-            yield member, *target
+            # a member of its own with the target's data: extractfile() can read it although
+            # tarfile no longer holds the target's TarInfo (dropped above)
+            copy = tarfile.TarInfo(member.name)
+            copy.type, copy.offset_data, copy.size = tarfile.REGTYPE, *target
+            yield copy, *target
         elif member.issym() and is_image_name(member.name):
             symlinks.append(member.name)
         elif member.isfile():
