@@ -84,6 +84,7 @@ class Partial:
         self._lock_fd, self._appended = None, 0
 
     def lock(self) -> None:
+        self.lock_file.parent.mkdir(parents=True, exist_ok=True)
         while True:
             fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
             try:
