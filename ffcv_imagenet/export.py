@@ -296,6 +296,8 @@ def write_export(out: Path, state: dict, manifest: dict, overwrite: bool) -> Non
             os.replace(out, old)  # an empty folder, or an export that check_out let go
         os.replace(tmp, out)
     finally:
+        if old.exists() and not out.exists():  # the new export never got in: the old one goes back
+            os.replace(old, out)
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
 

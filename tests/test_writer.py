@@ -821,7 +821,8 @@ def test_the_format_spelled_out_in_beton_py_is_ffcvs():
 
 
 def test_the_writer_runs_without_torch(tmp_path, items):
-    """The writer's parent and workers never import torch (or ffcv): hundreds of MB each."""
+    """The writer's parent (and so the workers forked from it, which import nothing more) never
+    imports torch, ffcv or numba: hundreds of MB each."""
     root = data.write_image_folder(tmp_path / "train", items)
     code = ("import sys; from ffcv_imagenet.writer import write_dataset; "
             f"write_dataset({str(root)!r}, {str(tmp_path / 'train.beton')!r}, split='train', "
@@ -830,3 +831,9 @@ def test_the_writer_runs_without_torch(tmp_path, items):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_the_option_lists_of_resume_and_metadata_name_real_options():
+    from ffcv_imagenet.writer.options import NOT_IN_OUTPUT, NOT_RECORDED, OPTIONS
+
+    assert set(NOT_IN_OUTPUT) <= set(OPTIONS) and set(NOT_RECORDED) <= set(NOT_IN_OUTPUT)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..host import process_alive
 from .beton import BetonStats
-from .options import WriterError, WriterOptions
+from .options import NOT_RECORDED, WriterError, WriterOptions
 from .sources import ImageIndex
 
 
@@ -63,7 +63,7 @@ def metadata_record(index: ImageIndex, opts: WriterOptions, stats: BetonStats, n
         "wnids": index.wnids,
         "split": opts.split,
         "source": index.source,
-        "options": {k: v for k, v in dataclasses.asdict(opts).items() if k not in ("data_dir", "write_path", "resume")},
+        "options": {k: v for k, v in dataclasses.asdict(opts).items() if k not in NOT_RECORDED},
         "num_samples": stats.num_samples,
         "num_classes": len(index.wnids),
         "num_raw": stats.num_raw,

@@ -58,6 +58,12 @@ OPTIONS = {
 }
 
 
+# Options that do not change the .beton's content (resume.identity leaves them out), and those the
+# metadata does not record (where the files are, and how this run was started).
+NOT_IN_OUTPUT = ("data_dir", "write_path", "num_workers", "chunk_size", "overwrite", "skip_bad", "resume")
+NOT_RECORDED = ("data_dir", "write_path", "resume")
+
+
 DESCRIPTION = ("Convert ILSVRC2012 (class folders, flat val + labels, or the .tar archives) "
                "to .beton.")
 COMMAND = Command("write", "cfg", DESCRIPTION, OPTIONS, frozen=True, absolute_paths=True)

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .options import WriterError, WriterOptions
+from .options import NOT_IN_OUTPUT, WriterError, WriterOptions
 
 FORMAT = 1
 
@@ -41,8 +41,6 @@ class ResumeRefused(WriterError):
 # test hook: SIGKILL this writer at a named point ("state", "journal:N" after the N-th journal
 # append, "finished", "installed"), so that a test can stop a write at each stage
 KILL_AT_ENV = "FFCV_IMAGENET_TEST_WRITER_KILL_AT"
-# Options that do not change the .beton: how it is written, and what to do about an existing file.
-NOT_IN_OUTPUT = ("data_dir", "write_path", "num_workers", "chunk_size", "overwrite", "skip_bad", "resume")
 
 
 def crash_point(name: str) -> None:
