@@ -197,6 +197,13 @@ def rss_mb() -> float:
 
 
 def peak_rss_mb(who=resource.RUSAGE_SELF) -> float:
+    """Peak RSS of this process (its memory map's high-water mark, VmHWM: getrusage's would carry
+    over the peak of the process that spawned it) or of its largest child."""
+    if who == resource.RUSAGE_SELF:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
     return resource.getrusage(who).ru_maxrss / 1024  # Linux: KiB
 
 
@@ -248,6 +255,13 @@ def probe_loader(path: str, order: str, ranks: int, batch_size: int, workers: in
             "loader_rss_mb": round(peak_rss_mb(), 1), "loader_rss_before_mb": round(before_mb, 1)}
 
 
+def train_orders() -> list:
+    """data.ORDERS, asked in a fresh process: data imports torch, which would inflate this one."""
+    from .data import ORDERS
+
+    return list(ORDERS)
+
+
 def in_fresh_process(function: str, *args, cgroup_procs=None) -> dict:
     """Run `ffcv_imagenet.scale.<function>(*args)` in a new interpreter (in the cgroup whose
     `cgroup.procs` is given); its JSON result."""
@@ -287,9 +301,7 @@ def measure_layout(layout: str, samples: int, args, pool: list, workdir: Path, l
     rows = []
     ranks = args.ranks if split == "train" else 1
     batch_size = max(1, min(args.batch_size, samples // ranks))  # a small N still yields a batch
-    from .data import ORDERS
-
-    for order in ORDERS if split == "train" else ("sequential",):
+    for order in args.orders if split == "train" else ("sequential",):
         read = in_fresh_process("probe_loader", beton, order, ranks, batch_size, args.workers)
         log(f"[scale] {layout} {samples:,} {order}: start-up {read['loader_startup_s']:.2f} s, "
             f"epoch overhead {read['epoch_overhead_s'] * 1e3:.1f} ms")
@@ -337,6 +349,7 @@ def machine() -> dict:
 def run(args, log=print) -> dict:
     workers = args.workers or cpu_cores()
     args.workers = workers
+    args.orders = in_fresh_process("train_orders")
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="ffcv_imagenet_scale_"))
     workdir.mkdir(parents=True, exist_ok=True)
     result = {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "command": "ffcv-imagenet scale " + " ".join(args.argv),
