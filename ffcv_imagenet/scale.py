@@ -311,25 +311,31 @@ def measure_layout(layout: str, samples: int, args, pool: list, workdir: Path, l
 
 
 def growth(rows: list) -> dict:
-    """Per layout and order: cost per sample at the largest N over that at the smallest."""
+    """Per layout and order, how costs grow from the smallest N to the largest: index seconds and
+    per-epoch work per sample (largest over smallest), and the writer parent's RSS per added sample
+    (over the upper interval of N, against the lower: the fixed cost of the libraries a write loads
+    would otherwise dominate the smallest N)."""
     out = {}
     for key in sorted({(r["layout"], r["order"]) for r in rows}):
         mine = sorted((r for r in rows if (r["layout"], r["order"]) == key), key=lambda r: r["samples"])
         if len(mine) < 2:
             continue
         small, large = mine[0], mine[-1]
-
-        def per_sample(r, field, base=None):
-            return (r[field] - (r[base] if base else 0)) / r["samples"]
-
+        lower, upper = (mine[0], mine[1]), (mine[-2], mine[-1]) if len(mine) > 2 else (mine[0], mine[-1])
         out["/".join(key)] = {
             "from": small["samples"], "to": large["samples"],
-            "index_s": _ratio(per_sample(large, "index_s"), per_sample(small, "index_s")),
-            "parent_rss": _ratio(per_sample(large, "parent_rss_mb", "parent_rss_before_mb"),
-                                 per_sample(small, "parent_rss_mb", "parent_rss_before_mb")),
-            "epoch_overhead_s": _ratio(per_sample(large, "epoch_overhead_s"), per_sample(small, "epoch_overhead_s")),
+            "index_s": _ratio(large["index_s"] / large["samples"], small["index_s"] / small["samples"]),
+            "epoch_overhead_s": _ratio(large["epoch_overhead_s"] / large["samples"],
+                                       small["epoch_overhead_s"] / small["samples"]),
+            "parent_rss_bytes_per_added_sample": round(_marginal(upper) * 2**20),
+            "parent_rss_added": _ratio(_marginal(upper), _marginal(lower)) if len(mine) > 2 else None,
         }
     return out
+
+
+def _marginal(pair) -> float:
+    a, b = pair
+    return (b["parent_rss_mb"] - a["parent_rss_mb"]) / (b["samples"] - a["samples"])
 
 
 def _ratio(a, b):
@@ -522,7 +528,12 @@ def render_readme(files: list, readme: Path) -> str:
     growth of the per-sample costs, and the larger-than-memory loader rates where measured."""
     from .report import update_readme
 
-    text = "\n\n".join(_render(json.loads(Path(f).read_text()), f) for f in files)
+    results = [(f, json.loads(Path(f).read_text())) for f in files]
+    parts = [_render(result, f) for f, result in results if result["rows"]]
+    memory = [(f, result) for f, result in results if result.get("memory")]
+    if memory:
+        parts.append("\n".join(_render_memory(memory)))
+    text = "\n\n".join(parts)
     update_readme(readme, "scale", text)
     return text
 
@@ -549,11 +560,12 @@ def _render(result: dict, path) -> str:
                        f"{cells(lambda r: r['parent_rss_mb'], lambda v: f'{v:,.0f}')} | "
                        f"{cells(lambda r: r['worker_rss_mb'], lambda v: f'{v:,.0f}')} | "
                        f"{cells(lambda r: r['loader_startup_s'], lambda v: f'{v:.1f}')} | {epoch} |")
-        growth_text = "; ".join(f"{k.split('/')[0]} {g['index_s']}x index, {g['parent_rss']}x RSS growth"
-                                for k, g in result.get("growth", {}).items() if k.endswith("/random"))
-        out += ["", f"Per sample, largest N over smallest: {growth_text}."]
-    if result.get("memory"):
-        out += ["", *_render_memory(result["memory"])]
+        growth_text = "; ".join(
+            f"{k.split('/')[0]}: index time per sample {g['index_s']}x, parent RSS "
+            f"{g['parent_rss_bytes_per_added_sample']:,} bytes per added sample"
+            + (f" ({g['parent_rss_added']}x the lower interval's)" if g["parent_rss_added"] else "")
+            for k, g in result.get("growth", {}).items() if k.endswith("/random"))
+        out += ["", f"From the smallest N to the largest: {growth_text}."]
     return "\n".join(out)
 
 
@@ -573,17 +585,25 @@ def _by_layout(rows: list) -> dict:
     return grouped
 
 
-def _render_memory(memory: dict) -> list:
-    fits = next((r.get("img_s") for r in memory["rows"] if not r["limited"]), None)
-    lines = [f"Train file larger than memory: {memory['samples']:,} raw-pixel samples, "
-             f"{memory['file_bytes'] / 2**30:.1f} GiB, under a {memory['memory_limit_bytes'] / 2**30:.1f} GiB "
-             f"{memory['limit_by']}; {memory['resolution_px']} px crops, batch {memory['batch_size']}, "
-             f"{memory['workers']} workers:", "", "| loader | memory limit | img/s | vs in_memory=1 where it fits |",
-             "|---|---|---|---|"]
-    for r in memory["rows"]:
-        rate = f"{r['img_s']:,.0f}" if "img_s" in r else f"failed: {r['error']}"
-        ratio = f"{r['img_s'] / fits:.2f}" if "img_s" in r and fits else "—"
-        lines.append(f"| {r['config']} | {'yes' if r['limited'] else 'no'} | {rate} | {ratio} |")
+def _render_memory(results: list) -> list:
+    """One table for the memory part of several runs (one column each, by batch size)."""
+    first = results[0][1]["memory"]
+    lines = [f"A train file larger than memory ({first['samples']:,} raw 256-px samples, "
+             f"{first['file_bytes'] / 2**30:.1f} GiB; the loader in a {first['memory_limit_bytes'] / 2**30:.1f} "
+             f"GiB {first['limit_by']}; {first['resolution_px']}-px crops, {first['workers']} workers): "
+             "images/s, and against `in_memory=1` where the file fits:", "",
+             "| loader | memory limit | " + " | ".join(f"batch {r['memory']['batch_size']}" for _, r in results) + " |",
+             "|---|---|" + "---|" * len(results)]
+    for k, row in enumerate(first["rows"]):
+        cells = []
+        for _, result in results:
+            rows = result["memory"]["rows"]
+            fits = next((r.get("img_s") for r in rows if not r["limited"]), None)
+            r = rows[k]
+            cells.append(f"{r['img_s']:,.0f} ({r['img_s'] / fits:.2f})" if "img_s" in r and fits
+                         else r.get("error", "—"))
+        lines.append(f"| {row['config']} | {'yes' if row['limited'] else 'no'} | " + " | ".join(cells) + " |")
+    lines += ["", "Made by " + ", ".join(f"`{r['command']}` (`{f}`)" for f, r in results) + "."]
     return lines
 
 

@@ -17,7 +17,8 @@ SECTIONS = {
     "imagenette": ("report", ["results/imagenette", "--report.targets=70,80,82,90", "--report.plots=0",
                               "--report.readme_runs=0"]),
     "check": ("check", ["--check.render=results/check,results/gpu"]),
-    "scale": ("scale", ["--scale.render=results/scale/scale.json,results/scale/memory.json"]),
+    "scale": ("scale", ["--scale.render=results/scale/scale.json,results/scale/memory.json,"
+                                          "results/scale/memory-batch32.json"]),
 }
 
 

@@ -40,7 +40,8 @@ def test_scale_rows_growth_and_readme_table(tmp_path, capsys):
     text = readme.read_text()
     assert "| folder | 0.3 k / 0.6 k |" in text and "| val_tar | 0.12 k |" in text and text.endswith("tail\n")
     growth = result["growth"]["folder/random"]
-    assert f"Per sample, largest N over smallest: folder {growth['index_s']}x index" in text
+    assert f"folder: index time per sample {growth['index_s']}x, parent RSS" in text
+    assert growth["parent_rss_added"] is None  # two sizes: no lower and upper interval to compare
 
 
 def test_memory_cgroup_limits_a_process(tmp_path):
