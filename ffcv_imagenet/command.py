@@ -132,7 +132,7 @@ class Command:
         width = max(len(k) for k in self.options) + len(self.section) + 4
         for key, option in self.options.items():
             text = textwrap.wrap(f"{option.desc} ({option.constraint()}; {option.default_text()})",
-                                 width=max(40, 100 - width))
+                                 width=max(40, 100 - width), break_on_hyphens=False)  # choices whole
             lines.append(f"  {'--' + self.section + '.' + key:<{width}} {text[0]}")
             lines += [f"  {'':<{width}} {line}" for line in text[1:]]
         if self.passthrough:
