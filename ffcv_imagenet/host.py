@@ -1,7 +1,9 @@
 """What this machine offers a process, asked in one place (no torch import: the writer's option
 check and --help use it)."""
 
+import fcntl
 import os
+import socket
 
 
 def cpu_cores() -> int:
@@ -22,6 +24,36 @@ def process_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+class LockHeld(Exception):
+    """Another process holds the lock; the message is what it wrote in the file (pid@host)."""
+
+
+def lock_file(path) -> int:
+    """Hold an exclusive flock on `path` (made if missing) for this process, with pid@host written
+    in it; returns the descriptor (closing it, or the process's end however it ends, lets go).
+    LockHeld naming the holder when another process has it. A holder may remove the file as it
+    lets go; a lock taken on a file no longer at `path` is dropped and taken on the new one, so
+    two processes never both hold `path`."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 200).decode(errors="replace").strip()
+            os.close(fd)
+            raise LockHeld(holder) from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}@{socket.gethostname()}".encode(), 0)
+    return fd
 
 
 def memory_available_bytes() -> int:

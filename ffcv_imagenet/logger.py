@@ -37,7 +37,6 @@ Only rank 0 writes; other ranks get a logger that does nothing (the one rank che
 
 import csv
 import datetime
-import fcntl
 import json
 import os
 import platform
@@ -85,18 +84,13 @@ class RunLogger:
         the process that holds it. The kernel releases it when the process ends, however it ends."""
         if not self.enabled:
             return
-        path = os.path.join(self.folder, ".lock")
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        from .host import LockHeld, lock_file
+
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 200).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise FileExistsError(f"{self.folder} is in use by another run (pid@host {holder}); wait "
-                                  "for it to end or choose another --logging.folder") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}@{socket.gethostname()}".encode())
-        self._lock_fd = fd
+            self._lock_fd = lock_file(os.path.join(self.folder, ".lock"))
+        except LockHeld as e:
+            raise FileExistsError(f"{self.folder} is in use by another run (pid@host {str(e) or 'unknown'}); "
+                                  "wait for it to end or choose another --logging.folder") from None
 
     def unlock(self) -> None:
         """Release the lock; a folder left holding nothing but it (a launch refused before it

@@ -21,7 +21,6 @@ order; only where each sample's bytes sit in the data region differs. All of it 
 """
 
 import dataclasses
-import fcntl
 import hashlib
 import json
 import os
@@ -82,26 +81,14 @@ class Partial:
         self._lock_fd, self._appended = None, 0
 
     def lock(self) -> None:
+        from ..host import LockHeld, lock_file
+
         self.lock_file.parent.mkdir(parents=True, exist_ok=True)
-        while True:
-            fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = os.read(fd, 100).decode(errors="replace").strip() or "another process"
-                os.close(fd)
-                raise WriterError(f"{self.destination} is being written by {holder} (lock "
-                                  f"{self.lock_file}); wait for it or stop it") from None
-            try:
-                same = os.fstat(fd).st_ino == os.stat(self.lock_file).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                break
-            os.close(fd)  # locked a file its holder removed as it finished: lock the new one
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()}\n".encode(), 0)
-        self._lock_fd = fd
+        try:
+            self._lock_fd = lock_file(self.lock_file)
+        except LockHeld as e:
+            raise WriterError(f"{self.destination} is being written by pid {str(e) or '(unknown)'} (lock "
+                              f"{self.lock_file}); wait for it or stop it") from None
 
     def unlock(self) -> None:
         if self._lock_fd is not None:
