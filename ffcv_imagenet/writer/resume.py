@@ -216,14 +216,9 @@ def cut_to_pages(path: Path, data_start: int, page_size: int, journal: Journal) 
     records = journal.records
     if len(records) and int((records["ptr"] + records["size"]).max()) > end:
         raise ResumeRefused(f"{path}: the journal names data past the file's last whole page (was the "
-                          "file cut or replaced?); write again without cfg.resume")
+                            "file cut or replaced?); write again without cfg.resume")
     os.truncate(path, min(size, end))
     return pages
-
-
-def load_records(partial: Partial, record: np.dtype, n: int) -> np.ndarray:
-    """Every journalled sample of the write, earlier attempts' and this one's."""
-    return partial.load(record, n).records
 
 
 def _difference(partial: Partial, key: str, kept, wanted) -> str:

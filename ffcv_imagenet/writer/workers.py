@@ -106,7 +106,8 @@ def write_beton(partial: Partial, index: ImageIndex, opts: WriterOptions, page_s
     del journal.records  # read again, whole, at the end; not held through the write
     worker_args = (index, opts, jpeg_plan, metadata_buffer, record, allocator)
     bad = _run_workers(context, pending, n, opts, worker_args, partial, journal.bad, progress)
-    return _finish(partial, header, metadata_start, resume.load_records(partial, record, n), bad, n), notes
+    # every journalled sample, earlier attempts' and this one's
+    return _finish(partial, header, metadata_start, partial.load(record, n).records, bad, n), notes
 
 
 def _finish(partial: Partial, header, metadata_start: int, records: np.ndarray, bad: dict, n: int) -> BetonStats:
